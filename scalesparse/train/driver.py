@@ -1,0 +1,131 @@
+"""The driver side of `scalesparse train`: everything that can fail cheaply fails here, first.
+
+Order: run directory → resume target (verified against its manifest, shapes compared) → data
+(fetched, tokenized, cached once) → model summary → workers (launch.py) → loss-curve plot.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scalesparse.config import Config
+from scalesparse.data import PreparedData, prepare_data
+from scalesparse.errors import CheckpointError, ConfigError
+from scalesparse.train import checkpoint as ckpt
+from scalesparse.train.metrics import read_metrics
+
+
+def prepare_run_dir(cfg: Config, resume: str | None) -> Path:
+    run_dir = cfg.run_path
+    root = run_dir / "checkpoints"
+    if resume is None and ckpt.complete_checkpoints(root):
+        raise ConfigError(
+            f"run_dir: {run_dir} already holds checkpoints; pass --resume auto to continue it, "
+            f"or choose another run_dir / name"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe = run_dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir: cannot write to {run_dir} ({e.strerror})") from None
+    return run_dir
+
+
+def resolve_resume(cfg: Config, resume: str | None, run_dir: Path, vocab: int) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            print(f"resume: no checkpoint in {run_dir / 'checkpoints'} yet; starting from step 0")
+            return None
+    else:
+        found = ckpt.resolve(resume)
+    ckpt.verify(found)
+    check_compatible(ckpt.read_state(found), cfg, vocab, found)
+    return found
+
+
+def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path) -> None:
+    saved_model = state["config"]["model"]
+    for key, want in cfg.to_dict()["model"].items():
+        if saved_model.get(key) != want:
+            raise CheckpointError(
+                f"{where}: written for another model shape (model.{key} = {saved_model.get(key)!r} there, "
+                f"{want!r} here)"
+            )
+    if state["vocab_size"] != vocab:
+        raise CheckpointError(f"{where}: vocabulary of {state['vocab_size']} tokens, the data has {vocab}")
+    if state["world_size"] != cfg.parallel.workers or state["zero_stage"] != cfg.parallel.zero_stage:
+        raise CheckpointError(
+            f"{where}: written by {state['world_size']} workers with ZeRO-{state['zero_stage']}; resume "
+            f"with parallel.workers={state['world_size']} parallel.zero_stage={state['zero_stage']}, or "
+            f"`scalesparse export` it and start a new run from the exported weights"
+        )
+
+
+def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
+    from scalesparse.model import GPT, count_flops_per_token
+
+    with torch.device("meta"):
+        model = GPT(cfg.model, vocab)
+    flops = count_flops_per_token(cfg.model, vocab, model)
+    return {
+        "params": model.num_params(),
+        "params_non_embedding": model.num_params(non_embedding=True),
+        "flops_per_token_forward": flops["forward"],
+        "flops_per_token_train": flops["train"],
+    }
+
+
+def run_training(cfg: Config, resume: str | None = None, address: str | None = None) -> dict[str, Any]:
+    from scalesparse import launch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run_dir = prepare_run_dir(cfg, resume)
+    data: PreparedData = prepare_data(cfg.data)
+    start = resolve_resume(cfg, resume, run_dir, data.vocab_size)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    s = model_summary(cfg, data.vocab_size)
+    print(
+        f"model: {s['params'] / 1e6:.2f}M parameters ({s['params_non_embedding'] / 1e6:.2f}M non-embedding), "
+        f"{s['flops_per_token_train'] / 1e6:.1f} MFLOP/token to train | data: {data.train_tokens:,} train / "
+        f"{data.val_tokens:,} val tokens, vocab {data.vocab_size} | {cfg.parallel.workers} workers, "
+        f"ZeRO-{cfg.parallel.zero_stage}, grad accum {cfg.grad_accum} | run dir {run_dir}",
+        flush=True,
+    )
+    if start is not None:
+        print(f"resuming from {start}", flush=True)
+    args = {"config": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "data": data.to_dict(),
+            "resume": str(start.resolve()) if start else None}  # fmt: skip
+    t0 = time.perf_counter()
+    launch.run_workers(cfg, args, address=address)
+    wall = time.perf_counter() - t0
+
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if "tokens_per_s" in r]
+    summary = {
+        "run_dir": str(run_dir),
+        "wall_s": wall,
+        "final_val_loss": evals[-1]["val_loss"] if evals else math.nan,
+        "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
+        "tokens_per_s": sum(r["tokens_per_s"] for r in steps[1:]) / max(1, len(steps) - 1) if steps else math.nan,
+        **s,
+    }
+    try:
+        from scalesparse.report.curves import plot_loss_curve
+
+        summary["plot"] = str(plot_loss_curve(run_dir))
+    except Exception as e:  # a plot must never fail a finished run
+        print(f"warning: could not draw the loss curve ({e})")
+    return summary

@@ -1,0 +1,206 @@
+"""The training loop run inside each worker: batch → forward → backward → step → log/eval/save.
+
+Exact resume rests on three things, all restored from the checkpoint: the data position (the
+global batch of a step is a pure function of seed and samples consumed), the RNG state of each rank,
+and DeepSpeed's model/optimizer shards. The LR is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from scalesparse import comm
+from scalesparse.config import Config, config_from_dict
+from scalesparse.data import BatchSchedule, PreparedData, TokenBlocks, rank_slice
+from scalesparse.train import checkpoint as ckpt
+from scalesparse.train.engine import (
+    build_engine,
+    grad_norm,
+    local_model_shard,
+    lr_at,
+    select_accelerator,
+    set_lr,
+)
+from scalesparse.train.metrics import MetricsLogger
+
+
+class Progress(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+    def set_description(self, desc: str) -> Any: ...
+    def close(self) -> Any: ...
+
+
+ProgressFactory = Callable[[int, str], Progress]
+
+
+def _tqdm_progress(total: int, desc: str) -> Progress:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps completed."""
+    samples_seen: int = 0
+    """Training blocks consumed (the data position)."""
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(checkpointer: ckpt.Checkpointer, engine, cfg: Config, state: TrainState,
+                    data: PreparedData) -> Path:  # fmt: skip
+    rank = comm.rank()
+
+    def write_shards(folder: Path) -> None:
+        engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+        save_file(_rng_state(), str(folder / f"rng_rank{rank}.safetensors"))
+        shard = local_model_shard(engine)
+        if shard is not None:
+            save_file(shard[0], str(folder / f"model_rank{rank}.safetensors"), metadata=shard[1])
+        if rank == 0:  # a checkpoint is self-contained: export needs no corpus cache
+            shutil.copy(data.tokenizer_path, folder / "tokenizer.json")
+
+    meta = {"format": 1, "step": state.step, "samples_seen": state.samples_seen, "vocab_size": data.vocab_size,
+            "world_size": comm.world_size(), "zero_stage": cfg.parallel.zero_stage,
+            "config": cfg.to_dict(), "saved_at": time.time()}  # fmt: skip
+    return checkpointer.save(state.step, write_shards, meta)
+
+
+def load_checkpoint(engine, folder: Path) -> TrainState:
+    meta = ckpt.read_state(folder)
+    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True)
+    if load_path is None:
+        raise ckpt.CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
+    _set_rng_state(load_file(str(folder / f"rng_rank{comm.rank()}.safetensors")))
+    return TrainState(step=meta["step"], samples_seen=meta["samples_seen"])
+
+
+@torch.no_grad()
+def evaluate(engine, blocks: TokenBlocks, n_blocks: int, micro: int) -> float:
+    """Mean next-token loss over the first n_blocks validation blocks, sharded over ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively).
+    """
+    world, rank = comm.world_size(), comm.rank()
+    n = min(n_blocks, len(blocks)) // world * world
+    if n == 0:
+        raise ValueError(f"validation split has {len(blocks)} blocks, fewer than {world} workers")
+    mine = torch.arange(n)[rank::world].numpy()
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for i in range(0, len(mine), micro):
+        x, y = blocks.get(mine[i : i + micro])
+        _, loss = engine(x.to(engine.device), y.to(engine.device))
+        total[0] += loss.double() * y.numel()
+        total[1] += y.numel()
+    engine.train()
+    comm.all_reduce_sum(total)
+    return float(total[0] / total[1])
+
+
+def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None = None) -> None:
+    """Entry point of one worker. `args`: config (dict), run_dir, data (PreparedData dict), resume."""
+    cfg = config_from_dict(args["config"])
+    # torch/DeepSpeed deprecation chatter from inside DeepSpeed: not actionable by users
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    select_accelerator(cfg)
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    rank, world = comm.rank(), comm.world_size()
+    run_dir = Path(args["run_dir"])
+    data = PreparedData.from_dict(args["data"])
+    T, micro, ga = cfg.model.seq_len, cfg.train.micro_batch_size, cfg.grad_accum
+    train_blocks = TokenBlocks(data.train_path, T)
+    val_blocks = TokenBlocks(data.val_path, T)
+
+    from scalesparse.model import GPT
+
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    engine = build_engine(GPT(cfg.model, data.vocab_size), cfg, world)
+    device = engine.device
+
+    checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
+    # After a worker-group restart the run's own latest checkpoint is newer than --resume.
+    resume = ckpt.latest_checkpoint(checkpointer.root) or (Path(args["resume"]) if args.get("resume") else None)
+    state = TrainState()
+    if resume is not None:
+        state = load_checkpoint(engine, resume)
+    else:
+        torch.manual_seed(cfg.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
+
+    logger = MetricsLogger(run_dir, rank == 0, cfg.logging.tensorboard, state.step if resume else None)
+    progress = None
+    if rank == 0 and cfg.logging.progress:
+        progress = (progress_factory or _tqdm_progress)(cfg.train.steps, cfg.name)
+        progress.update(state.step)
+    schedule = BatchSchedule(len(train_blocks), cfg.seed)
+    tokens_per_step = cfg.train.global_batch_size * T
+
+    def run_eval(step: int) -> None:
+        val = evaluate(engine, val_blocks, cfg.data.val_blocks, micro)
+        logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
+        if rank == 0:
+            print(f"step {step}: val_loss {val:.4f}  val_ppl {math.exp(min(val, 50.0)):.2f}", flush=True)
+
+    if state.step == 0 and resume is None:
+        run_eval(0)
+    t_last, tokens_since = time.perf_counter(), 0
+    while state.step < cfg.train.steps:
+        step = state.step
+        lr = lr_at(step, cfg.train)
+        set_lr(engine, lr)
+        batch = schedule.global_batch(state.samples_seen, cfg.train.global_batch_size)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m in range(ga):
+            x, y = train_blocks.get(rank_slice(batch, m, rank, world, micro))
+            _, loss = engine(x.to(device), y.to(device))
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            loss_sum += loss.detach().double().cpu()
+        state.step += 1
+        state.samples_seen += cfg.train.global_batch_size
+        tokens_since += tokens_per_step
+
+        last = state.step == cfg.train.steps
+        if state.step % cfg.logging.log_every == 0 or last:
+            mean_loss = float(comm.all_reduce_mean(loss_sum / ga))
+            now = time.perf_counter()
+            tps = tokens_since / (now - t_last)
+            t_last, tokens_since = now, 0
+            norm = grad_norm(engine)
+            logger.log({"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tps,
+                        **({"grad_norm": norm} if norm is not None else {})})  # fmt: skip
+            if progress is not None:
+                progress.set_description(f"{cfg.name} loss {mean_loss:.3f} | {tps:,.0f} tok/s")
+        if progress is not None:
+            progress.update(1)
+        if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last:
+            run_eval(state.step)
+        if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
+            save_checkpoint(checkpointer, engine, cfg, state, data)
+    if progress is not None:
+        progress.close()
+    logger.close()

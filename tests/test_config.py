@@ -1,0 +1,108 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scalesparse.config import Config, config_from_dict, load_config
+from scalesparse.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def err(data, overrides=None) -> str:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data, overrides)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("configs/**/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_defaults_round_trip_through_dict():
+    cfg = config_from_dict({"train": {"lr": 3e-4}, "data": {"val_docs": ["lear"]}})
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert cfg.data.val_docs == ("lear",)
+
+
+def test_unknown_key_names_path_and_suggests():
+    msg = err({"train": {"lrr": 1.0}})
+    assert msg.startswith("train.lrr: unknown key (did you mean 'lr'?)")
+    assert "allowed keys:" in msg and "warmup_steps" in msg
+    assert "did you mean 'model'" in err({"modle": {}})
+
+
+def test_wrong_type_and_literal_values():
+    assert err({"model": {"d_model": "wide"}}) == "model.d_model: 'wide' is not an integer"
+    assert err({"model": {"activation": "relu"}}) == "model.activation: 'relu' is not one of 'gelu', 'swiglu'"
+    assert "is not true or false" in err({"model": {"bias": 1}})
+    assert "model: 3 is not a mapping" in err({"model": 3})
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"train": {"lr": -0.1}}, "train.lr: -0.1 is not allowed; must be > 0"),
+        ({"parallel": {"zero_stage": 4}}, "parallel.zero_stage: 4 is not allowed; must be one of 0, 1, 2, 3"),
+        ({"parallel": {"workers": 0}}, "parallel.workers: 0 is not allowed; must be > 0"),
+        ({"train": {"beta2": 1.0}}, "train.beta2: 1.0 is not allowed; must be in [0, 1)"),
+        ({"model": {"d_model": 100, "n_heads": 3}}, "model.n_heads: 3 is not allowed; must divide d_model (100)"),
+        ({"train": {"global_batch_size": 30, "micro_batch_size": 8}}, "train.global_batch_size: 30 is not allowed"),
+        ({"train": {"dtype": "bf16"}}, "train.dtype: 'bf16' is not allowed; bf16 needs"),
+    ],
+)
+def test_out_of_range_values(data, expected):
+    assert err(data).startswith(expected)
+
+
+def test_overrides_parse_yaml_values_and_floats_without_dot():
+    cfg = config_from_dict({}, ["train.lr=3e-4", "parallel.zero_stage=3", "data.val_docs=[lear, othello]"])
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.parallel.zero_stage == 3
+    assert cfg.data.val_docs == ("lear", "othello")
+    assert "train.nope: unknown key" in err({}, ["train.nope=1"])
+    assert "expected KEY.PATH=VALUE" in err({}, ["train.lr"])
+    assert "train.lr is 0.1, not a mapping" in err({"train": {"lr": 0.1}}, ["train.lr.x=1"])
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1, 2\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: line \d+, column \d+: malformed YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(listy)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_tags_are_never_constructed(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(evil)
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train:\n  stesp: 10\n")
+    for argv in (["config", "show", str(bad)], ["train", str(bad)]):
+        proc = subprocess.run([sys.executable, "-m", "scalesparse.cli", *argv], capture_output=True, text=True)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert lines == ["scalesparse: error: train.stesp: unknown key (did you mean 'steps'?); allowed keys: "
+                         + ", ".join(f for f in Config.__dataclass_fields__["train"].default_factory()
+                                     .__dataclass_fields__)]  # fmt: skip
+
+
+def test_config_show_resolves_defaults_and_overrides(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "scalesparse.cli", "config", "show", str(REPO / "configs/tiny.yaml"),
+         "--set", "train.lr=3e-4"], capture_output=True, text=True, check=True)  # fmt: skip
+    shown = config_from_dict(__import__("yaml").safe_load(proc.stdout))
+    assert shown == load_config(REPO / "configs/tiny.yaml", ["train.lr=3e-4"])
+    assert shown.train.lr == pytest.approx(3e-4)

@@ -68,7 +68,7 @@ def tiny_config(data: dict, run_dir: Path, **sections) -> dict:
                   "eval_every": 3, "lr": 3e-3},
         "parallel": {"workers": 2, "zero_stage": 2},
         "checkpoint": {"every": 3, "keep": 3},
-        "logging": {"log_every": 1, "tensorboard": False, "progress": False},
+        "logging": {"log_every": 1, "tensorboard": True, "progress": False},
     }  # fmt: skip
     for section, values in sections.items():
         if isinstance(values, dict):

@@ -53,8 +53,8 @@ class ModelConfig:
     """Attention heads; d_model must be divisible by it."""
     seq_len: int = 128
     """Context length in tokens (the length of one packed training block)."""
-    mlp: Literal["dense"] = "dense"
-    """MLP block type."""
+    mlp: Literal["dense", "moe"] = "dense"
+    """MLP block type: dense, or a mixture of experts configured by the `moe:` section."""
     d_ff: int | None = None
     """MLP hidden width; null = 4·d_model for gelu, ⌈(8/3)·d_model / 32⌉·32 for swiglu."""
     activation: Literal["gelu", "swiglu"] = "swiglu"
@@ -94,6 +94,46 @@ class ModelConfig:
         if self.activation == "swiglu":
             return -(-(8 * self.d_model) // 3 // 32) * 32
         return 4 * self.d_model
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8
+    """Experts per MoE layer (E)."""
+    top_k: int = 2
+    """Experts each token is processed by (k)."""
+    d_ff: int | None = None
+    """Hidden width of each expert; null = the dense MLP's (model.d_ff or its default)."""
+    backend: Literal["auto", "grouped", "loop", "megablocks"] = "auto"
+    """auto: megablocks on CUDA when installed, else grouped (exact, pure PyTorch); loop: the reference."""
+    renormalize: bool = True
+    """Rescale the top-k gate weights of each token to sum to 1 (Mixtral does)."""
+    jitter: float = 0.0
+    """Multiplicative uniform noise (1 ± jitter) on the router input during training (Switch)."""
+    aux_loss_weight: float = 0.01
+    """Weight of the Switch load-balancing loss E·Σ_e f_e·P_e (1.0 when perfectly balanced)."""
+    z_loss_weight: float = 0.001
+    """Weight of the router z-loss mean(logsumexp(logits)²) (ST-MoE)."""
+    capacity_factor: float | None = None
+    """null = dropless (every token reaches all k experts). A number = Switch/GShard capacity
+    ⌈factor·tokens·k/E⌉ per expert with padded batches; assignments over capacity are dropped."""
+    expert_parallel: int = 1
+    """Ranks the experts are sharded over (all-to-all token exchange)."""
+
+    def _checks(self) -> Iterator[Problem]:
+        for name in ("num_experts", "top_k", "expert_parallel"):
+            yield from _positive(self, name)
+        for name in ("aux_loss_weight", "z_loss_weight"):
+            yield from _non_negative(self, name)
+        yield from _in_unit(self, "jitter")
+        if self.top_k > self.num_experts:
+            yield "top_k", f"must be <= moe.num_experts ({self.num_experts})"
+        if self.d_ff is not None and self.d_ff <= 0:
+            yield "d_ff", "must be > 0 or null"
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            yield "capacity_factor", "must be > 0, or null for dropless"
+        if self.num_experts % self.expert_parallel:
+            yield "expert_parallel", f"must divide moe.num_experts ({self.num_experts})"
 
 
 @dataclass(frozen=True)
@@ -235,6 +275,8 @@ class Config:
     """Run directory (metrics, checkpoints, plots); {name} is replaced by the run name."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The decoder."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture-of-experts layers (used when model.mlp is moe)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, tokenizer and splits."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -261,6 +303,11 @@ class Config:
             )
         if self.train.dtype == "bf16" and self.resources.gpus_per_worker == 0:
             yield "train.dtype", "bf16 needs resources.gpus_per_worker > 0; use fp32 on CPU"
+        if self.moe.backend == "megablocks" and self.resources.gpus_per_worker == 0:
+            yield "moe.backend", "megablocks needs CUDA (resources.gpus_per_worker > 0); use grouped on CPU"
+        if self.model.mlp == "moe" and self.moe.expert_parallel > 1:
+            if self.parallel.workers % self.moe.expert_parallel:
+                yield "moe.expert_parallel", f"must divide parallel.workers ({self.parallel.workers})"
 
     # -- derived values ---------------------------------------------------------------------
     @property

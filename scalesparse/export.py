@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from scalesparse.config import ModelConfig, config_from_dict
+from scalesparse.config import ModelConfig, MoEConfig, config_from_dict
 from scalesparse.errors import CheckpointError
 from scalesparse.train import checkpoint as ckpt
 
@@ -58,15 +58,15 @@ def export_checkpoint(spec: str | Path, out: Path) -> Path:
     folder = ckpt.resolve(spec)
     ckpt.verify(folder)
     state = ckpt.read_state(folder)
-    model_cfg = config_from_dict(state["config"]).model
+    cfg = config_from_dict(state["config"])
     tokenizer = folder / "tokenizer.json"
-    return write_model(consolidate(folder), model_cfg, state["vocab_size"], out,
+    return write_model(consolidate(folder), cfg.model, state["vocab_size"], out,
                        tokenizer if tokenizer.is_file() else None,
-                       info={"step": state["step"], "source": str(folder)})  # fmt: skip
+                       info={"step": state["step"], "source": str(folder)}, moe=cfg.moe)  # fmt: skip
 
 
 def write_model(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, vocab: int, out: Path,
-                tokenizer: Path | None = None, info: dict | None = None) -> Path:  # fmt: skip
+                tokenizer: Path | None = None, info: dict | None = None, moe: MoEConfig | None = None) -> Path:
     """Write a consolidated state dict (scalesparse names) as an exported model folder."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -77,6 +77,8 @@ def write_model(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, vocab:
         weights = {(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in weights.items()}
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
     meta = {"model": dataclasses.asdict(model_cfg), "vocab_size": vocab, **(info or {})}
+    if model_cfg.mlp == "moe":
+        meta["moe"] = dataclasses.asdict(moe or MoEConfig())
     (out / META).write_text(json.dumps(meta, indent=1))
     if tokenizer is not None:
         shutil.copy(tokenizer, out / "tokenizer.json")
@@ -108,7 +110,8 @@ def load_exported(folder: Path):
     if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
         raise CheckpointError(f"{folder}: not an exported model (needs {META} and {WEIGHTS})")
     meta = json.loads((folder / META).read_text())
-    model = GPT(config_from_dict({"model": meta["model"]}).model, meta["vocab_size"])
+    cfg = config_from_dict({"model": meta["model"], **({"moe": meta["moe"]} if "moe" in meta else {})})
+    model = GPT(cfg.model, meta["vocab_size"], cfg.moe)
     sd = {k.removeprefix("model."): v for k, v in load_file(str(folder / WEIGHTS)).items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]

@@ -1,3 +1,3 @@
-from scalesparse.model.gpt import GPT, count_flops_per_token
+from scalesparse.model.gpt import GPT, active_params, count_flops_per_token
 
-__all__ = ["GPT", "count_flops_per_token"]
+__all__ = ["GPT", "active_params", "count_flops_per_token"]

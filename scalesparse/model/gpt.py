@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalesparse.config import ModelConfig
+from scalesparse.config import ModelConfig, MoEConfig
 from scalesparse.model.layers import MaskedLinear, Rotary, make_norm
 from scalesparse.model.mlp import MLPS
+from scalesparse.model.moe.backends import Experts
+from scalesparse.model.moe.layer import MoEMLP
 
 
 class Attention(nn.Module):
@@ -47,12 +49,12 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig) -> None:
         super().__init__()
         self.input_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.mlp = MLPS.get(cfg.mlp)(cfg)
+        self.mlp = MLPS.get(cfg.mlp)(cfg, moe)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,14 +63,16 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, moe: MoEConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        moe = moe or MoEConfig()
         self.vocab_size = vocab_size
         self.embed_tokens = nn.Embedding(vocab_size, cfg.d_model)
         self.embed_positions = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, moe) for _ in range(cfg.n_layers))
+        self.last_losses: dict[str, torch.Tensor] = {}
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -86,6 +90,9 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Experts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -104,7 +111,16 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            self.last_losses = {"ce": loss.detach()}
+            moe = self.moe_layers()
+            if moe and self.training:  # validation loss stays pure next-token cross-entropy
+                aux = torch.stack([m.aux_loss for m in moe]).sum()
+                self.last_losses["moe_aux"] = aux.detach()
+                loss = loss + aux
         return logits, loss
+
+    def moe_layers(self) -> list[MoEMLP]:
+        return [b.mlp for b in self.layers if isinstance(b.mlp, MoEMLP)]
 
     # -- accounting ---------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
@@ -116,15 +132,28 @@ class GPT(nn.Module):
         return n
 
 
-def count_flops_per_token(cfg: ModelConfig, vocab_size: int, model: nn.Module | None = None) -> dict[str, int]:
+def active_params(model: GPT) -> int:
+    """Parameters one token uses: all but the E−k experts it skips in each MoE layer."""
+    n = model.num_params()
+    for m in model.moe_layers():
+        n -= sum(p.numel() for p in m.parameters()) - m.active_matmul_params()
+    return n
+
+
+def count_flops_per_token(cfg: ModelConfig, vocab_size: int, model: GPT | None = None,
+                          moe: MoEConfig | None = None) -> dict[str, int]:  # fmt: skip
     """Forward and training FLOPs per token (2 per multiply-add; training = 3 × forward).
 
-    Matmul FLOPs from the Linear layers (LM head included), plus attention scores and values
-    (2·2·T·d per layer per token, the full-T convention of the PaLM paper's appendix).
+    Matmul FLOPs of the weights a token actually multiplies with (Linear layers incl. LM head and
+    routers, k experts per MoE layer), plus attention scores and values (2·2·T·d per layer per token,
+    the full-T convention of the PaLM paper's appendix).
     """
     if model is None:
-        model = GPT(cfg, vocab_size)
-    matmul = sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        model = GPT(cfg, vocab_size, moe)
+    moe_layers = model.moe_layers()
+    in_moe = {id(m) for layer in moe_layers for m in layer.modules()}
+    matmul = sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in in_moe)
+    matmul += sum(2 * layer.active_matmul_params() for layer in moe_layers)
     attention = cfg.n_layers * 2 * 2 * cfg.seq_len * cfg.d_model
     forward = matmul + attention
     return {"forward": forward, "train": 3 * forward}

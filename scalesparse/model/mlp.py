@@ -1,4 +1,6 @@
-"""Pluggable MLP blocks, registered by name; `model.mlp` in YAML picks one."""
+"""Pluggable MLP blocks, registered by name; `model.mlp` in YAML picks one.
+
+A builder takes (model config, moe config); `moe` lives in scalesparse.model.moe.layer."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scalesparse.config import ModelConfig
+from scalesparse.config import ModelConfig, MoEConfig
 from scalesparse.model.layers import MaskedLinear
 from scalesparse.registry import Registry
 
@@ -17,7 +19,7 @@ MLPS: Registry[type[nn.Module]] = Registry("mlp")
 class DenseMLP(nn.Module):
     """GELU MLP (up → gelu → down) or SwiGLU (down(silu(gate) ⊙ up)), Llama's names."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig | None = None) -> None:
         super().__init__()
         hidden = cfg.hidden_ff
         self.swiglu = cfg.activation == "swiglu"

@@ -31,3 +31,31 @@ def plot_loss_curve(run_dir: Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_expert_load(run_dir: Path) -> Path | None:
+    """Heat map per MoE layer: fraction of token assignments each expert received, over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    records = [r for r in read_metrics(run_dir) if "expert_load" in r]
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    load = np.array([r["expert_load"] for r in records])  # (logs, layers, experts)
+    n_layers, n_experts = load.shape[1], load.shape[2]
+    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 1.3 * n_layers), dpi=110, squeeze=False, sharex=True)
+    for i, ax in enumerate(axes[:, 0]):
+        im = ax.imshow(load[:, i, :].T, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0 / n_experts, load.max()),
+                       extent=(steps[0], steps[-1], n_experts - 0.5, -0.5), interpolation="nearest")  # fmt: skip
+        ax.set_ylabel(f"layer {i}\nexpert")
+    axes[-1, 0].set_xlabel("optimizer step")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), label=f"share of assignments (balanced = {1 / n_experts:.3f})")
+    fig.suptitle(f"{Path(run_dir).name}: expert load")
+    out = Path(run_dir) / "expert_load.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -55,13 +55,15 @@ def resolve_resume(cfg: Config, resume: str | None, run_dir: Path, vocab: int) -
 
 
 def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path) -> None:
-    saved_model = state["config"]["model"]
-    for key, want in cfg.to_dict()["model"].items():
-        if saved_model.get(key) != want:
-            raise CheckpointError(
-                f"{where}: written for another model shape (model.{key} = {saved_model.get(key)!r} there, "
-                f"{want!r} here)"
-            )
+    sections = ["model", "moe"] if cfg.model.mlp == "moe" else ["model"]
+    for section in sections:
+        saved = state["config"].get(section, {})
+        for key, want in cfg.to_dict()[section].items():
+            if saved.get(key) != want:
+                raise CheckpointError(
+                    f"{where}: written for another model shape ({section}.{key} = {saved.get(key)!r} there, "
+                    f"{want!r} here)"
+                )
     if state["vocab_size"] != vocab:
         raise CheckpointError(f"{where}: vocabulary of {state['vocab_size']} tokens, the data has {vocab}")
     if state["world_size"] != cfg.parallel.workers or state["zero_stage"] != cfg.parallel.zero_stage:
@@ -73,13 +75,14 @@ def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path
 
 
 def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
-    from scalesparse.model import GPT, count_flops_per_token
+    from scalesparse.model import GPT, active_params, count_flops_per_token
 
     with torch.device("meta"):
-        model = GPT(cfg.model, vocab)
+        model = GPT(cfg.model, vocab, cfg.moe)
     flops = count_flops_per_token(cfg.model, vocab, model)
     return {
         "params": model.num_params(),
+        "params_active": active_params(model),
         "params_non_embedding": model.num_params(non_embedding=True),
         "flops_per_token_forward": flops["forward"],
         "flops_per_token_train": flops["train"],
@@ -97,7 +100,8 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
 
     s = model_summary(cfg, data.vocab_size)
     print(
-        f"model: {s['params'] / 1e6:.2f}M parameters ({s['params_non_embedding'] / 1e6:.2f}M non-embedding), "
+        f"model: {s['params'] / 1e6:.2f}M parameters ({s['params_non_embedding'] / 1e6:.2f}M non-embedding"
+        + (f", {s['params_active'] / 1e6:.2f}M active per token" if cfg.model.mlp == "moe" else "") + "), "
         f"{s['flops_per_token_train'] / 1e6:.1f} MFLOP/token to train | data: {data.train_tokens:,} train / "
         f"{data.val_tokens:,} val tokens, vocab {data.vocab_size} | {cfg.parallel.workers} workers, "
         f"ZeRO-{cfg.parallel.zero_stage}, grad accum {cfg.grad_accum} | run dir {run_dir}",
@@ -123,9 +127,12 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
         **s,
     }
     try:
-        from scalesparse.report.curves import plot_loss_curve
+        from scalesparse.report.curves import plot_expert_load, plot_loss_curve
 
         summary["plot"] = str(plot_loss_curve(run_dir))
+        heat = plot_expert_load(run_dir)
+        if heat is not None:
+            summary["expert_load_plot"] = str(heat)
     except Exception as e:  # a plot must never fail a finished run
         print(f"warning: could not draw the loss curve ({e})")
     return summary

@@ -98,6 +98,40 @@ def load_checkpoint(engine, folder: Path) -> TrainState:
     return TrainState(step=meta["step"], samples_seen=meta["samples_seen"])
 
 
+class MoEStats:
+    """Expert load and router losses since the last log line, summed over micro-batches and ranks."""
+
+    def __init__(self, layers) -> None:
+        self.layers = layers
+        self.reset()
+
+    def reset(self) -> None:
+        n = len(self.layers)
+        E = self.layers[0].moe.num_experts if self.layers else 0
+        self.load = torch.zeros(n, E, dtype=torch.float64)
+        self.scalars = torch.zeros(3, dtype=torch.float64)  # balance loss, z-loss, dropped fraction
+        self.count = 0
+
+    def accumulate(self) -> None:
+        for i, layer in enumerate(self.layers):
+            st = layer.stats
+            self.load[i] += st["load"].double().cpu()
+            self.scalars += torch.stack([st["balance_loss"], st["z_loss"], st["dropped"]]).double().cpu()
+        self.count += 1
+
+    def collect(self) -> dict[str, Any]:
+        """Collective (every rank calls it at the same steps); empty for a dense model."""
+        if not self.layers:
+            return {}
+        comm.all_reduce_sum(self.load)
+        scalars = comm.all_reduce_mean(self.scalars) / (self.count * len(self.layers))
+        load = self.load / self.load.sum(dim=1, keepdim=True)  # fraction of assignments per expert
+        out = {"moe_balance_loss": float(scalars[0]), "moe_z_loss": float(scalars[1]),
+               "moe_dropped": float(scalars[2]), "expert_load": load.tolist()}  # fmt: skip
+        self.reset()
+        return out
+
+
 @torch.no_grad()
 def evaluate(engine, blocks: TokenBlocks, n_blocks: int, micro: int) -> float:
     """Mean next-token loss over the first n_blocks validation blocks, sharded over ranks.
@@ -139,7 +173,8 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     from scalesparse.model import GPT
 
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    engine = build_engine(GPT(cfg.model, data.vocab_size), cfg, world)
+    engine = build_engine(GPT(cfg.model, data.vocab_size, cfg.moe), cfg, world)
+    moe_stats = MoEStats(engine.module.moe_layers())
     device = engine.device
 
     checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
@@ -180,6 +215,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += loss.detach().double().cpu()
+            moe_stats.accumulate()
         state.step += 1
         state.samples_seen += cfg.train.global_batch_size
         tokens_since += tokens_per_step
@@ -192,7 +228,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             t_last, tokens_since = now, 0
             norm = grad_norm(engine)
             logger.log({"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tps,
-                        **({"grad_norm": norm} if norm is not None else {})})  # fmt: skip
+                        **({"grad_norm": norm} if norm is not None else {}), **moe_stats.collect()})  # fmt: skip
             if progress is not None:
                 progress.set_description(f"{cfg.name} loss {mean_loss:.3f} | {tps:,.0f} tok/s")
         if progress is not None:

@@ -33,13 +33,14 @@ class Runs:
     def get(self, stage: int, workers: int = 2, resume_from: int | None = None, **sections) -> Path:
         key = (stage, workers, resume_from, json.dumps(sections, sort_keys=True))
         if key not in self.cache:
-            name = f"z{stage}-w{workers}" + (f"-resumed{resume_from}" if resume_from else "")
+            name = f"z{stage}-w{workers}" + ("-moe" if "moe" in sections else "") + (
+                f"-resumed{resume_from}" if resume_from else "")
             run_dir = self.base / f"{name}-{len(self.cache)}"
             cfg = config_from_dict(tiny_config(self.data, run_dir, parallel={"zero_stage": stage, "workers": workers},
                                                **sections))  # fmt: skip
             resume = None
             if resume_from is not None:
-                resume = str(self.get(stage, workers) / "checkpoints" / ckpt.tag_for(resume_from))
+                resume = str(self.get(stage, workers, **sections) / "checkpoints" / ckpt.tag_for(resume_from))
             run_training(cfg, resume=resume)
             self.cache[key] = run_dir
         return self.cache[key]
@@ -78,6 +79,30 @@ def test_two_workers_train_checkpoint_and_resume_exactly(runs, stage):
     for step in (4, 5, 6):
         assert again[step] == pytest.approx(train[step], abs=1e-6, rel=0), f"step {step}"
     assert losses(resumed, "val_loss")[6] == pytest.approx(val[6], abs=1e-6, rel=0)
+
+
+MOE = {"model": {"mlp": "moe"}, "moe": {"num_experts": 4, "top_k": 2}}
+
+
+def test_moe_under_zero3_logs_expert_load_and_resumes_exactly(runs):
+    full = runs.get(3, **MOE)
+    records = [r for r in read_metrics(full) if "expert_load" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert len(r["expert_load"]) == 2 and all(len(row) == 4 for row in r["expert_load"])
+        assert all(abs(sum(row) - 1) < 1e-9 for row in r["expert_load"])
+        assert math.isfinite(r["moe_balance_loss"]) and r["moe_dropped"] == 0.0
+    assert (full / "expert_load.png").stat().st_size > 10_000
+    assert losses(full, "val_loss")[6] < losses(full, "val_loss")[0] - 0.3
+
+    resumed = runs.get(3, resume_from=3, **MOE)
+    train, again = losses(full), losses(resumed)
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(train[step], abs=1e-6, rel=0), f"step {step}"
+    load_full = {r["step"]: r["expert_load"] for r in records}
+    for r in read_metrics(resumed):
+        if "expert_load" in r:
+            assert r["expert_load"] == load_full[r["step"]]  # identical routing after resume
 
 
 def test_zero_stages_and_one_worker_follow_the_same_trajectory(runs):

@@ -1,0 +1,1 @@
+"""Dropless mixture-of-experts: router → expert backend → weighted combine."""

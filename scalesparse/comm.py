@@ -55,3 +55,139 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ----------------------------------------------------------------------------- sparse selection
+# Global top-n over tensors that are split across ranks, without ever moving a dense tensor:
+# the n-th largest value is found by bisection on integer keys (one all-reduce of one count per
+# layer per step), ties at the threshold go to the lowest global indices, and only the chosen
+# positions (the mask changes) are all-gathered, as index lists or bitmasks, whichever is smaller.
+
+_KEY_LOW, _KEY_HIGH = -(2**31) - 1, 2**31  # below / above every key of a float32
+
+
+def float_keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving map of float32 values to int64 keys (so thresholds are searched exactly)."""
+    b = x.float().contiguous().view(torch.int32).to(torch.int64)
+    return torch.where(b >= 0, b, -(b & 0x7FFFFFFF) - 1)
+
+
+class WireBytes:
+    """Bytes each rank puts into collectives, summed over ranks (what crosses the network)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, per_rank: int, ranks: int | None = None) -> None:
+        self.total += per_rank * (world_size() if ranks is None else ranks)
+
+
+def global_select(
+    keys: list[torch.Tensor], valid: list[torch.Tensor], starts: list[int], counts: list[int],
+    wire: WireBytes | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """For each layer l, the global indices of the counts[l] largest keys among valid entries.
+
+    keys[l], valid[l]: this rank's contiguous slice [starts[l], starts[l] + len) of layer l, flattened.
+    Returns sorted int64 global indices, identical on every rank. Raises if a layer has fewer valid
+    entries than requested.
+    """
+    wire = wire or WireBytes()
+    L = len(keys)
+    keys = [torch.where(v, k, torch.full_like(k, _KEY_LOW)) for k, v in zip(keys, valid)]
+    want = torch.tensor(counts, dtype=torch.int64)
+    have = all_reduce_sum(torch.stack([v.sum() for v in valid]).to(torch.int64))
+    wire.add(8 * L)
+    if torch.any(have < want):
+        bad = int(torch.nonzero(have < want)[0])
+        raise ValueError(f"layer {bad}: {int(want[bad])} entries requested, only {int(have[bad])} eligible")
+    # invariant: count(key >= lo) >= want and count(key >= hi) < want
+    lo = torch.full((L,), _KEY_LOW + 1, dtype=torch.int64)
+    hi = torch.full((L,), _KEY_HIGH, dtype=torch.int64)
+    active = want > 0
+    while bool(torch.any(active & (hi - lo > 1))):
+        mid = (lo + hi) // 2
+        c = all_reduce_sum(torch.stack([(k >= m).sum() for k, m in zip(keys, mid)]).to(torch.int64))
+        wire.add(8 * L)
+        ok = c >= want
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    threshold = lo
+    above = [torch.nonzero(k > t).flatten() for k, t in zip(keys, threshold)]
+    tied = [torch.nonzero(k == t).flatten() for k, t in zip(keys, threshold)]
+    # ties go to the lowest global indices: every rank learns every rank's (start, tie count)
+    above_total = all_reduce_sum(torch.tensor([a.numel() for a in above], dtype=torch.int64))
+    info = all_gather_tensor(torch.tensor([[s, t.numel()] for s, t in zip(starts, tied)], dtype=torch.int64))
+    wire.add(8 * L + 16 * L)
+    chosen_local = []
+    for l in range(L):
+        if counts[l] == 0:
+            chosen_local.append(torch.empty(0, dtype=torch.int64))
+            continue
+        need = counts[l] - int(above_total[l])
+        before = sum(int(row[l, 1]) for row in info if int(row[l, 0]) < starts[l])
+        take = max(0, min(need - before, tied[l].numel()))
+        local = torch.cat([above[l], tied[l][:take]])
+        chosen_local.append(local + starts[l])
+    return _all_gather_changes(chosen_local, starts, [k.numel() for k in keys], wire)
+
+
+def _encode(idx: torch.Tensor, start: int, length: int) -> tuple[int, bytes]:
+    """Index list (4 bytes each) or bitmask of the slice, whichever is smaller."""
+    import numpy as np
+
+    rel = (idx - start).numpy().astype(np.int64)
+    if 4 * rel.size <= (length + 7) // 8:
+        return 0, rel.astype(np.int32).tobytes()
+    bits = np.zeros(length, dtype=bool)
+    bits[rel] = True
+    return 1, np.packbits(bits).tobytes()
+
+
+def _decode(mode: int, payload: bytes, start: int, length: int) -> torch.Tensor:
+    import numpy as np
+
+    if mode == 0:
+        rel = np.frombuffer(payload, dtype=np.int32).astype(np.int64)
+    else:
+        rel = np.nonzero(np.unpackbits(np.frombuffer(payload, dtype=np.uint8))[:length])[0]
+    return torch.from_numpy(rel.copy()) + start
+
+
+def _all_gather_changes(chosen, starts, lengths, wire: WireBytes) -> list[torch.Tensor]:
+    encoded = [_encode(c, s, n) for c, s, n in zip(chosen, starts, lengths)]
+    # header per layer: (mode, payload bytes, slice start, slice length), then the payloads
+    header = torch.tensor([[m, len(p), s, n] for (m, p), s, n in zip(encoded, starts, lengths)], dtype=torch.int64)
+    blob = torch.frombuffer(bytearray(b"".join(p for _, p in encoded) or b"\0"), dtype=torch.uint8)
+    headers = all_gather_tensor(header)
+    blobs = all_gather_varlen(blob)
+    wire.add(header.numel() * 8)
+    wire.add(sum(b.numel() for b in blobs), ranks=1)
+    out: list[list[torch.Tensor]] = [[] for _ in chosen]
+    for h, b in zip(headers, blobs):
+        raw, offset = b.numpy().tobytes(), 0
+        for l in range(len(chosen)):
+            mode, size, start, length = (int(v) for v in h[l])
+            out[l].append(_decode(mode, raw[offset : offset + size], start, length))
+            offset += size
+    return [torch.sort(torch.cat(parts)).values for parts in out]
+
+
+def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
+    """Equal-shaped tensors from every rank, in rank order."""
+    if not is_distributed():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
+
+
+def all_gather_varlen(t: torch.Tensor) -> list[torch.Tensor]:
+    """1-D tensors of different lengths from every rank (padded all_gather), in rank order."""
+    if not is_distributed():
+        return [t]
+    sizes = all_gather_tensor(torch.tensor([t.numel()], dtype=torch.int64))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=t.dtype)
+    padded[: t.numel()] = t
+    out = all_gather_tensor(padded)
+    return [o[: int(s.item())] for o, s in zip(out, sizes)]

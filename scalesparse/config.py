@@ -137,6 +137,53 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class SparsityConfig:
+    method: Literal["none", "static", "snip", "gmp", "set", "rigl"] = "none"
+    """Sparsifier from the registry (scalesparse.sparsity.SPARSIFIERS); none = dense training."""
+    sparsity: float = 0.9
+    """Target fraction of zero weights over all masked layers together."""
+    distribution: Literal["uniform", "erk"] = "erk"
+    """Per-layer density: uniform, or Erdős–Rényi-Kernel (denser small layers, global target exact)."""
+    granularity: Literal["unstructured", "nm", "block"] = "unstructured"
+    """What a mask entry covers: one weight, N of every M along the input dimension, or a square block."""
+    n: int = 2
+    """N of N:M (kept weights per group)."""
+    m: int = 4
+    """M of N:M (group size along the input dimension)."""
+    block_size: int = 16
+    """Side of a square block for block granularity."""
+    include: tuple[str, ...] = ("layers.*.self_attn.*_proj", "layers.*.mlp.*_proj")
+    """Glob patterns (over module names) of the Linear layers that get masks."""
+    exclude: tuple[str, ...] = ()
+    """Glob patterns removed from `include` (embeddings, norms and the LM head are never included)."""
+    update_interval: int = 100
+    """ΔT: optimizer steps between mask updates (set, rigl) or pruning steps (gmp)."""
+    drop_fraction: float = 0.3
+    """α: fraction of each layer's active weights dropped (and regrown) at the first update."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """How α decays from the first to the last update."""
+    start_step: int = 0
+    """No mask updates before this step (gmp: pruning starts here)."""
+    stop_fraction: float = 0.75
+    """No mask updates after this fraction of train.steps (gmp: final sparsity reached here)."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _in_unit(self, "sparsity")
+        yield from _positive(self, "update_interval")
+        yield from _in_unit(self, "drop_fraction", closed_low=False, closed_high=True)
+        yield from _in_unit(self, "stop_fraction", closed_low=False, closed_high=True)
+        yield from _non_negative(self, "start_step")
+        yield from _positive(self, "block_size")
+        if self.granularity == "nm":
+            if not 0 < self.n < self.m:
+                yield "n", f"must satisfy 0 < N < M (M = {self.m})"
+            elif self.method in ("set", "rigl", "gmp"):
+                yield "granularity", f"{self.method} evolves unstructured or block masks; N:M: static or snip"
+        if not self.include:
+            yield "include", "must name at least one layer pattern"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     corpus: str = "shakespeare"
     """Corpus name from the corpus registry (scalesparse.data.CORPORA)."""
@@ -277,6 +324,8 @@ class Config:
     """The decoder."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-experts layers (used when model.mlp is moe)."""
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    """Weight sparsity: masks, their density, and how they evolve."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, tokenizer and splits."""
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,225 @@
+"""The Sparsifier interface: masks, when they change, and how (one subclass per algorithm).
+
+Algorithms see `LayerView`s: the contiguous slice of a flattened weight that this rank owns (the
+whole tensor in a single process, a ZeRO partition under DeepSpeed), with its gradient and
+optimizer-state slices. Every global decision goes through `comm.global_select`, so the same code
+runs in a unit test on one tensor and on a sharded model; masks are full-shape and identical on all
+ranks. Randomness is derived from (seed, step, layer name), so ranks agree without talking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from scalesparse import comm
+from scalesparse.config import SparsityConfig
+from scalesparse.registry import Registry
+from scalesparse.sparsity.distribution import keep_counts
+from scalesparse.sparsity.masks import block_mask, block_scores, nm_mask, topk_mask
+
+SPARSIFIERS: Registry[type[Sparsifier]] = Registry("sparsifier")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a method sits in the taxonomy of ../docs/FAIR_COMPARISON.md."""
+
+    when: Literal["before training", "during training", "after training"]
+    regime: Literal["dense-to-sparse", "sparse-to-sparse"]
+    mask: Literal["static", "dynamic"]
+
+    def __str__(self) -> str:
+        return f"{self.when}, {self.regime}, {self.mask} mask"
+
+
+@dataclass
+class LayerView:
+    name: str
+    shape: tuple[int, int]
+    start: int
+    """Offset of this slice in the flattened weight."""
+    weight: torch.Tensor
+    """1-D, writable: the master weights of the slice."""
+    grad: torch.Tensor | None = None
+    """1-D: the (reduced) gradient of the slice, when the caller has one."""
+    states: list[torch.Tensor] = field(default_factory=list)
+    """1-D, writable: optimizer-state slices (Adam moments) to clear where weights die or are born."""
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.weight.numel()
+
+
+def derived_generator(seed: int, step: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{step}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class Sparsifier:
+    position: ClassVar[Position]
+    dynamic: ClassVar[bool] = False
+
+    def __init__(self, cfg: SparsityConfig, shapes: dict[str, tuple[int, int]], total_steps: int, seed: int) -> None:
+        self.cfg, self.shapes, self.total_steps, self.seed = cfg, dict(sorted(shapes.items())), total_steps, seed
+        self.target = keep_counts(cfg.distribution, self.shapes, cfg.sparsity)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.ever_active: dict[str, torch.Tensor] = {}
+        self.wire = comm.WireBytes()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def init_masks(self, views: list[LayerView]) -> None:
+        """Default: random masks with the distribution's exact per-layer counts (static/SET/RigL)."""
+        for name, shape in self.shapes.items():
+            scores = torch.rand(shape, generator=derived_generator(self.seed, -1, name))
+            self.masks[name] = self._mask_from_scores(name, scores)
+        self._after_masks_changed(views)
+
+    def apply(self, views: list[LayerView]) -> None:
+        """Make every weight outside the mask exactly zero, with zero optimizer state."""
+        for v in views:
+            dead = ~self.local_mask(v)
+            v.weight.masked_fill_(dead, 0.0)
+            for s in v.states:
+                s.masked_fill_(dead, 0.0)
+
+    def mask_grads(self, views: list[LayerView]) -> None:
+        """Zero gradients outside the mask before the optimizer step, so dead weights get no update."""
+        for v in views:
+            if v.grad is not None:
+                v.grad.masked_fill_(~self.local_mask(v), 0.0)
+
+    def should_update(self, step: int) -> bool:
+        """`step`: optimizer steps completed."""
+        c = self.cfg
+        return (self.dynamic and step >= c.start_step and step < c.stop_fraction * self.total_steps
+                and step > 0 and step % c.update_interval == 0)  # fmt: skip
+
+    def update(self, step: int, views: list[LayerView]) -> dict[str, float]:
+        raise NotImplementedError
+
+    # -- helpers -------------------------------------------------------------------------------
+    def select(self, views: list[LayerView], scores: list[torch.Tensor], eligible: list[torch.Tensor],
+               counts: list[int]) -> list[torch.Tensor]:  # fmt: skip
+        """Global flat indices of the counts[l] highest scores among eligible entries of each layer,
+        decided from every rank's slices; identical on all ranks."""
+        keys = [comm.float_keys(s) for s in scores]
+        return comm.global_select(keys, eligible, [v.start for v in views], counts, self.wire)
+
+    def local_mask(self, v: LayerView) -> torch.Tensor:
+        return self.masks[v.name].view(-1)[v.start : v.stop]
+
+    def _mask_from_scores(self, name: str, scores: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if c.granularity == "nm":
+            return nm_mask(scores, c.n, c.m)
+        if c.granularity == "block":
+            numel = scores.numel()
+            return block_mask(scores, self.target[name] / numel, c.block_size)
+        return topk_mask(scores, self.target[name])
+
+    def _after_masks_changed(self, views: list[LayerView]) -> None:
+        for name, m in self.masks.items():
+            self.ever_active[name] = self.ever_active.get(name, torch.zeros_like(m)) | m
+        self.apply(views)
+
+    def drop_fraction(self, step: int) -> float:
+        c = self.cfg
+        end = c.stop_fraction * self.total_steps
+        progress = min(1.0, max(0.0, (step - c.start_step) / max(1.0, end - c.start_step)))
+        if c.decay == "cosine":
+            return c.drop_fraction * 0.5 * (1 + math.cos(math.pi * progress))
+        if c.decay == "linear":
+            return c.drop_fraction * (1 - progress)
+        return c.drop_fraction
+
+    # -- reporting -------------------------------------------------------------------------------
+    def sparsity_report(self) -> dict[str, float]:
+        per_layer = {n: 1.0 - float(m.float().mean()) for n, m in self.masks.items()}
+        total = sum(m.numel() for m in self.masks.values())
+        kept = sum(int(m.sum()) for m in self.masks.values())
+        itop = sum(int(m.sum()) for m in self.ever_active.values()) / total
+        layers = {f"layer/{n}": s for n, s in per_layer.items()}
+        return {"global": 1.0 - kept / total, "in_time_overparam": itop, **layers}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from scalesparse.sparsity.masks import pack
+
+        out = {f"mask/{n}": pack(m) for n, m in self.masks.items()}
+        out.update({f"ever/{n}": pack(m) for n, m in self.ever_active.items()})
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from scalesparse.sparsity.masks import unpack
+
+        self.masks = {n: unpack(state[f"mask/{n}"], s) for n, s in self.shapes.items()}
+        self.ever_active = {n: unpack(state[f"ever/{n}"], s) for n, s in self.shapes.items()}
+
+
+class DropAndGrow(Sparsifier):
+    """Sparse-to-sparse DST: every ΔT steps drop the α·active smallest-magnitude weights of each layer
+    and grow as many where `grow_scores` is largest; sparsity stays constant. Subclasses differ only
+    in `grow_scores` (JaxPruner's observation: RigL is SET with one method changed)."""
+
+    position = Position("during training", "sparse-to-sparse", "dynamic")
+    dynamic = True
+
+    def grow_scores(self, step: int, v: LayerView) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, step: int, views: list[LayerView]) -> dict[str, float]:
+        views = sorted(views, key=lambda v: v.name)  # every rank walks the layers in the same order
+        before = self.wire.total
+        frac = self.drop_fraction(step)
+        if self.cfg.granularity == "block":
+            changed = self._update_blocks(step, views, frac)
+        else:
+            n = [round(frac * int(self.masks[v.name].sum())) for v in views]
+            drop = self.select(views, [-v.weight.abs() for v in views], [self.local_mask(v) for v in views], n)
+            for v, idx in zip(views, drop):
+                self.masks[v.name].view(-1)[idx] = False
+            grow = self.select(views, [self.grow_scores(step, v) for v in views],
+                               [~self.local_mask(v) for v in views], n)
+            for v, idx in zip(views, grow):
+                self.masks[v.name].view(-1)[idx] = True
+            changed = {v.name: torch.cat([d, g]) for v, d, g in zip(views, drop, grow)}
+        # regrown weights start at zero (and with no optimizer history), so the loss does not jump
+        for v in views:
+            idx = changed[v.name]
+            local = idx[(idx >= v.start) & (idx < v.stop)] - v.start
+            v.weight[local] = 0.0
+            for s in v.states:
+                s[local] = 0.0
+        self._after_masks_changed(views)
+        total = sum(m.numel() for m in self.masks.values())
+        return {"dst_drop_fraction": frac, "dst_churn": sum(i.numel() for i in changed.values()) / 2 / total,
+                "dst_bytes": float(self.wire.total - before)}  # fmt: skip
+
+    def _update_blocks(self, step: int, views: list[LayerView], frac: float) -> dict[str, torch.Tensor]:
+        """Block granularity: per-block scores are summed from each rank's slice and all-reduced
+        (numel / block² values per layer), then every rank makes the same block-level choice."""
+        b, changed = self.cfg.block_size, {}
+        for v in views:
+            full_drop = torch.zeros(v.shape).view(-1)
+            full_grow = torch.zeros(v.shape).view(-1)
+            full_drop[v.start : v.stop] = v.weight.abs()
+            full_grow[v.start : v.stop] = self.grow_scores(step, v)
+            pooled = comm.all_reduce_sum(torch.stack([block_scores(full_drop.view(v.shape), b),
+                                                      block_scores(full_grow.view(v.shape), b)]))  # fmt: skip
+            self.wire.add(pooled.numel() * 4)
+            bmask = self.masks[v.name][::b, ::b].clone()
+            n = round(frac * int(bmask.sum()))
+            active_scores = torch.where(bmask, -pooled[0], torch.full_like(pooled[0], -math.inf))
+            drop = torch.sort(active_scores.view(-1), descending=True, stable=True).indices[:n]
+            bmask.view(-1)[drop] = False
+            grow_scores = torch.where(bmask, torch.full_like(pooled[1], -math.inf), pooled[1])
+            grow = torch.sort(grow_scores.view(-1), descending=True, stable=True).indices[:n]
+            bmask.view(-1)[grow] = True
+            new = bmask.repeat_interleave(b, 0).repeat_interleave(b, 1)
+            changed[v.name] = torch.nonzero((new ^ self.masks[v.name]).view(-1)).flatten()
+            self.masks[v.name] = new
+        return changed

@@ -55,7 +55,8 @@ def resolve_resume(cfg: Config, resume: str | None, run_dir: Path, vocab: int) -
 
 
 def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path) -> None:
-    sections = ["model", "moe"] if cfg.model.mlp == "moe" else ["model"]
+    sections = ["model"] + (["moe"] if cfg.model.mlp == "moe" else []) + (
+        ["sparsity"] if cfg.sparsity.method != "none" or "sparsity" in state["config"] else [])
     for section in sections:
         saved = state["config"].get(section, {})
         for key, want in cfg.to_dict()[section].items():

@@ -132,3 +132,63 @@ def local_model_shard(engine) -> tuple[dict[str, torch.Tensor], dict[str, str]] 
         return None
     tensors = {n: p.detach().clone() for n, p in params.items()}
     return tensors, {"format": "full", "world": str(comm.world_size())}
+
+
+def sparse_views(engine, layers: dict[str, nn.Module], with_grads: bool) -> list:
+    """This rank's slice of each masked weight, as live views of DeepSpeed's fp32 master weights,
+    reduced gradient and Adam moments (ZeRO-0: the whole tensors).
+
+    Valid between the backward of the last micro-batch of a step and `engine.step()`: edits made
+    there steer the step, which then copies the master weights back into every rank's working
+    weights (ZeRO-1/2 all-gather them, ZeRO-3 writes the partition that forward gathers).
+    """
+    from scalesparse import comm
+    from scalesparse.sparsity.base import LayerView
+
+    stage = engine.zero_optimization_stage()
+    views = []
+    for name, layer in sorted(layers.items()):
+        p = layer.weight
+        shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+        numel = shape[0] * shape[1]
+        if stage == 3:
+            opt = p._z3_optimizer
+            part = p.ds_tensor.ds_numel if hasattr(p.ds_tensor, "ds_numel") else p.ds_tensor.numel()
+            start = min(numel, comm.rank() * part)
+            length = max(0, min(part, numel - start))  # the last partition is zero-padded
+
+            def local(t, length=length):
+                return t.view(-1).narrow(0, 0, length)
+
+            weight = local(opt.get_local_fp32_param(p))
+            states = [local(opt.get_local_fp32_param(p, k)) for k in _adam_keys(engine, p)]
+            grad = local(opt.get_local_fp32_grad_for_param(p)) if with_grads else None
+        elif stage in (1, 2):
+            m = p._hp_mapping
+            if m is None:  # this rank owns no part of this weight
+                empty = torch.empty(0)
+                views.append(LayerView(name, shape, 0, empty, empty if with_grads else None, []))
+                continue
+            start, length = m.lp_fragment_address.start, m.lp_fragment_address.numel
+            weight = m.get_hp_fragment().view(-1)
+            states = [m.get_hp_fragment(k).view(-1) for k in (m.optim_fragment or {}) if k in ("exp_avg", "exp_avg_sq")]
+            grad = None
+            if with_grads:
+                grad = m.get_lp_grad_fragment(p._index_in_param_group).view(-1)
+                if grad.numel() == numel and length != numel:
+                    grad = grad.narrow(0, start, length)
+        else:  # ZeRO-0: whole tensors, torch optimizer state
+            start, weight = 0, p.data.view(-1)
+            state = engine.optimizer.state.get(p, {}) if hasattr(engine.optimizer, "state") else {}
+            states = [state[k].view(-1) for k in ("exp_avg", "exp_avg_sq") if k in state]
+            grad = p.grad.view(-1) if with_grads and p.grad is not None else None
+        # detached views share storage (edits land) without autograd refusing in-place writes to leaves
+        views.append(LayerView(name, shape, start, weight.detach(), None if grad is None else grad.detach(),
+                               [t.detach() for t in states]))  # fmt: skip
+    return views
+
+
+def _adam_keys(engine, p) -> list[str]:
+    opt = engine.optimizer
+    state = getattr(opt, "optimizer", opt).state
+    return [k for k in ("exp_avg", "exp_avg_sq") if any(k in s for s in state.values())]

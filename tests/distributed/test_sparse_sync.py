@@ -1,5 +1,5 @@
-"""Sharded DST with real processes: 2 gloo ranks, each owning an uneven slice of every masked weight,
-must reach the same masks and weights as a single process holding whole tensors."""
+"""Sharded DST with real processes: 2 or 4 gloo ranks, each owning an uneven slice of every masked
+weight, must reach the same masks and weights as a single process holding whole tensors."""
 
 from __future__ import annotations
 
@@ -33,27 +33,30 @@ def build(method: str):
     return layers, sp
 
 
-def split_point(name: str, numel: int) -> int:
-    return (numel * (17 + 13 * (sum(map(ord, name)) % 5))) // 100  # uneven, different per layer
+def bounds(name: str, numel: int, world: int) -> list[int]:
+    """Uneven slice boundaries, different per layer: [0, c1, ..., numel]."""
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    cuts = sorted(torch.randint(1, numel, (world - 1,), generator=g).tolist())
+    return [0, *cuts, numel]
 
 
-def views_for(layers, rank: int | None, weights, grads, states) -> list[LayerView]:
+def views_for(layers, rank: int | None, world: int, weights, grads, states) -> list[LayerView]:
     out = []
     for name, layer in sorted(layers.items()):
         numel = layer.weight.numel()
-        cut = split_point(name, numel)
-        lo, hi = (0, numel) if rank is None else ((0, cut) if rank == 0 else (cut, numel))
+        b = bounds(name, numel, world)
+        lo, hi = (0, numel) if rank is None else (b[rank], b[rank + 1])
         out.append(LayerView(name, tuple(layer.weight.shape), lo, weights[name][lo:hi], grads[name][lo:hi],
                              [states[name][lo:hi]]))  # fmt: skip
     return out
 
 
-def run(method: str, rank: int | None) -> dict:
+def run(method: str, rank: int | None, world: int = 1) -> dict:
     layers, sp = build(method)
     weights = {n: m.weight.detach().clone().view(-1) for n, m in layers.items()}
     grads = {n: m.weight.grad.clone().view(-1) for n, m in layers.items()}
     states = {n: torch.ones_like(w) for n, w in weights.items()}  # stands in for Adam moments
-    views = views_for(layers, rank, weights, grads, states)
+    views = views_for(layers, rank, world, weights, grads, states)
     sp.init_masks(views)
     hashes = [mask_hash(sp.masks)]
     for step in UPDATES:
@@ -68,11 +71,12 @@ def run(method: str, rank: int | None) -> dict:
             "masks": sp.masks}  # fmt: skip
 
 
-def _worker(rank: int, method: str, port: int, out_dir: str) -> None:
+def _worker(rank: int, method: str, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = run(method, rank)
+        res = run(method, rank, world)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -84,21 +88,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method", ["set", "rigl", "gmp"])
-def test_two_ranks_on_slices_equal_one_process_on_whole_tensors(method, tmp_path):
-    mp.spawn(_worker, args=(method, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+@pytest.mark.parametrize("method, world", [("set", 2), ("rigl", 2), ("gmp", 2), ("rigl", 4)])
+def test_ranks_on_slices_equal_one_process_on_whole_tensors(method, world, tmp_path):
+    mp.spawn(_worker, args=(method, world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     single = run(method, None)
-    assert ranks[0]["hashes"] == ranks[1]["hashes"] == single["hashes"]  # after init and every update
+    for r in ranks:  # after init and after every update
+        assert r["hashes"] == single["hashes"]
     assert len(set(single["hashes"])) == len(UPDATES) + 1  # the masks really changed each time
-    layers, _ = build(method)
     for name in single["weights"]:
-        cut = split_point(name, single["weights"][name].numel())
+        b = bounds(name, single["weights"][name].numel(), world)
         for key in ("weights", "states"):
-            stitched = torch.cat([ranks[0][key][name][:cut], ranks[1][key][name][cut:]])
+            stitched = torch.cat([ranks[r][key][name][b[r] : b[r + 1]] for r in range(world)])
             torch.testing.assert_close(stitched, single[key][name], rtol=0, atol=0)
     # only mask changes and small counts travel: far below a dense all-gather of drop + grow scores
     numel = sum(w.numel() for w in single["weights"].values())
     naive = len(UPDATES) * 2 * 4 * numel
-    assert ranks[0]["bytes"] == ranks[1]["bytes"] and 0 < ranks[0]["bytes"] < naive / 10
+    assert len({r["bytes"] for r in ranks}) == 1 and 0 < ranks[0]["bytes"] < naive / 10
     assert comm.world_size() == 1 and single["bytes"] > 0

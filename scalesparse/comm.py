@@ -193,3 +193,35 @@ def all_gather_varlen(t: torch.Tensor) -> list[torch.Tensor]:
     padded[: t.numel()] = t
     out = all_gather_tensor(padded)
     return [o[: int(s.item())] for o, s in zip(out, sizes)]
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+class _AllToAll(torch.autograd.Function):
+    """Rows of x go to ranks in order (send[r] rows to rank r); backward sends gradients back."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        ctx.send, ctx.recv = send, recv
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = grad.new_empty((sum(ctx.send), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), output_split_sizes=ctx.send, input_split_sizes=ctx.recv)
+        return back, None, None
+
+
+def exchange_counts(send: torch.Tensor) -> torch.Tensor:
+    """send[r] = rows this rank sends to rank r → recv[r] = rows rank r sends to this rank."""
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous())
+    return recv
+
+
+def all_to_all(x: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+    """Differentiable all-to-all with uneven splits (gloo and NCCL)."""
+    if not is_distributed():
+        return x
+    return _AllToAll.apply(x, send, recv)

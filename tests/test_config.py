@@ -51,6 +51,10 @@ def test_wrong_type_and_literal_values():
         ({"model": {"d_model": 100, "n_heads": 3}}, "model.n_heads: 3 is not allowed; must divide d_model (100)"),
         ({"train": {"global_batch_size": 30, "micro_batch_size": 8}}, "train.global_batch_size: 30 is not allowed"),
         ({"train": {"dtype": "bf16"}}, "train.dtype: 'bf16' is not allowed; bf16 needs"),
+        ({"model": {"mlp": "moe"}, "moe": {"top_k": 9}}, "moe.top_k: 9 is not allowed; must be <= moe.num_experts (8)"),
+        ({"model": {"mlp": "moe"}, "moe": {"expert_parallel": 2}}, "moe.expert_parallel: 2 is not allowed; expert-par"),
+        ({"sparsity": {"sparsity": 1.0}}, "sparsity.sparsity: 1.0 is not allowed; must be in [0, 1)"),
+        ({"sparsity": {"granularity": "nm", "n": 4, "m": 4}}, "sparsity.n: 4 is not allowed; must satisfy 0 < N < M"),
     ],
 )
 def test_out_of_range_values(data, expected):

@@ -8,8 +8,8 @@ worker's share of a global batch, one thread, as each CPU worker has).
 
 Simulated: an upper bound on the same byte count from its closed form (it assumes index lists; the
 real exchange switches to a bitmask where that is smaller, so it measures a little less), for more
-workers and larger models than fit here; the measurement above checks the bound. Naive = every rank contributes its slice of the dense
-drop and grow score tensors to an all-gather: 2 · 4 bytes · numel per update.
+workers and larger models than fit here; the measurement above checks the bound. Naive = every rank
+contributes its slice of the dense drop and grow score tensors to an all-gather: 2 · 4 B · numel.
 
     .venv/bin/python benchmarks/dst_sync.py [--d-model 768 --layers 8] [--out FILE]
 """

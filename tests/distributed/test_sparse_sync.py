@@ -21,15 +21,17 @@ UPDATES = (10, 20)
 
 
 def build(method: str):
+    method, _, granularity = method.partition("-")
     torch.manual_seed(0)
     # wide enough that the fixed cost of the threshold search (~32 rounds × one count per layer)
     # is small next to the changes, as it is at real model sizes
     model = GPT(ModelConfig(d_model=64, n_layers=2, n_heads=2, seq_len=16), 60)
     x = torch.randint(0, 60, (4, 16))
     model(x, x.roll(1, 1))[1].backward()  # the same dense gradient everywhere
-    cfg = SparsityConfig(method=method, sparsity=0.9, update_interval=10, drop_fraction=0.3)
+    cfg = SparsityConfig(method=method, sparsity=0.9, update_interval=10, drop_fraction=0.3,
+                         granularity=granularity or "unstructured", block_size=16)
     layers = select_layers(model, cfg.include, cfg.exclude)
-    sp = SPARSIFIERS.get(method)(cfg, {n: tuple(m.weight.shape) for n, m in layers.items()}, 100, seed=3)
+    sp = SPARSIFIERS.get(cfg.method)(cfg, {n: tuple(m.weight.shape) for n, m in layers.items()}, 100, seed=3)
     return layers, sp
 
 
@@ -88,7 +90,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method, world", [("set", 2), ("rigl", 2), ("gmp", 2), ("rigl", 4)])
+@pytest.mark.parametrize("method, world", [("set", 2), ("rigl", 2), ("gmp", 2), ("rigl", 4), ("rigl-block", 2)])
 def test_ranks_on_slices_equal_one_process_on_whole_tensors(method, world, tmp_path):
     mp.spawn(_worker, args=(method, world, free_port(), str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]

@@ -151,3 +151,32 @@ def test_positions_are_declared():
     assert str(SPARSIFIERS.get("gmp").position).startswith("during training, dense-to-sparse")
     assert SPARSIFIERS.get("static").position.mask == "static"
     assert math.isfinite(1.0)
+
+
+def test_static_nm_and_block_masks_have_their_structure():
+    model, layers, sp, opt = setup("static", granularity="nm", n=2, m=4)
+    sp.init_masks(local_views(layers, opt))
+    for n, mask in sp.masks.items():
+        assert torch.all(mask.view(mask.shape[0], -1, 4).sum(-1) == 2), n
+        assert torch.all(layers[n].weight[~mask] == 0)
+    model, layers, sp, opt = setup("static", granularity="block", block_size=16, sparsity=0.75)
+    sp.init_masks(local_views(layers, opt))
+    for n, mask in sp.masks.items():
+        h, w = mask.shape
+        blocks = mask.view(h // 16, 16, w // 16, 16).permute(0, 2, 1, 3).reshape(-1, 256)
+        assert torch.all(blocks.all(-1) | ~blocks.any(-1)), n  # every block wholly kept or wholly pruned
+
+
+def test_block_rigl_updates_whole_blocks_at_constant_count():
+    model, layers, sp, opt = setup("rigl", granularity="block", block_size=16, sparsity=0.75)
+    sp.init_masks(local_views(layers, opt))
+    train_step(model, layers, sp, opt)
+    dense_grads(model, layers, 3)
+    before = {n: m.clone() for n, m in sp.masks.items()}
+    stats = sp.update(10, local_views(layers, opt))
+    assert stats["dst_churn"] > 0
+    for n, mask in sp.masks.items():
+        h, w = mask.shape
+        blocks = mask.view(h // 16, 16, w // 16, 16).permute(0, 2, 1, 3).reshape(-1, 256)
+        assert torch.all(blocks.all(-1) | ~blocks.any(-1)), n
+        assert int(mask.sum()) == int(before[n].sum())

@@ -1,0 +1,56 @@
+"""The Pruner interface, registered by name: add_batch(inputs) to gather statistics, prune(...) to
+get a mask and the new weights of one layer. Statistics are plain sums (`stats()`), so the shared
+calibration walk can all-reduce them across workers before `prune`."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from scalesparse.registry import Registry
+from scalesparse.sparsity.masks import nm_mask, topk_mask
+
+PRUNERS: Registry[type[Pruner]] = Registry("pruning method")
+
+
+def weight_matrix(layer: nn.Module) -> torch.Tensor:
+    """(out_features, in_features) view of a Linear or a GPT-2 Conv1D (which stores the transpose)."""
+    w = layer.weight
+    return w.t() if type(layer).__name__ == "Conv1D" else w
+
+
+def keep_count(n: int, sparsity: float) -> int:
+    return n - round(sparsity * n)
+
+
+class Pruner:
+    needs_inputs: ClassVar[bool] = True
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.rows, self.columns = weight_matrix(layer).shape
+        self.nsamples = torch.zeros((), dtype=torch.float64)
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """inp: (..., in_features), the layer's input for some calibration tokens."""
+
+    def stats(self) -> list[torch.Tensor]:
+        """Tensors that are sums over calibration tokens (all-reducible across workers)."""
+        return [self.nsamples]
+
+    def prune(self, sparsity: float, nm: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep mask, new weight), both (out, in); the caller writes them into the layer."""
+        raise NotImplementedError
+
+    @staticmethod
+    def keep_from_scores(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+                         per_row: bool) -> torch.Tensor:  # fmt: skip
+        if nm is not None:
+            return nm_mask(scores, *nm)
+        if per_row:  # compare weights only within an output row (Wanda's comparison group)
+            k = keep_count(scores.shape[1], sparsity)
+            idx = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+            return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+        return topk_mask(scores, keep_count(scores.numel(), sparsity))

@@ -1,0 +1,29 @@
+"""Wanda (Sun et al., 2024): score |w_ij| · ‖x_j‖₂ over calibration tokens, compared within each output
+row; no weight update."""
+
+from __future__ import annotations
+
+import torch
+
+from scalesparse.pruning.base import PRUNERS, Pruner, weight_matrix
+
+
+@PRUNERS.register("wanda")
+class Wanda(Pruner):
+    def __init__(self, layer):
+        super().__init__(layer)
+        self.sq_sum = torch.zeros(self.columns, dtype=torch.float64)  # Σ over tokens of x_j²
+
+    def add_batch(self, inp):
+        x = inp.reshape(-1, inp.shape[-1]).double()
+        self.sq_sum += x.pow(2).sum(0)
+        self.nsamples += x.shape[0]
+
+    def stats(self):
+        return [self.nsamples, self.sq_sum]
+
+    def prune(self, sparsity, nm=None):
+        w = weight_matrix(self.layer).detach().float()
+        scores = w.abs() * self.sq_sum.sqrt().float().unsqueeze(0)
+        keep = self.keep_from_scores(scores, sparsity, nm, per_row=True)
+        return keep, torch.where(keep, w, torch.zeros_like(w))

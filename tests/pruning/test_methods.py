@@ -1,0 +1,90 @@
+"""Layer-level behaviour of the pruning methods against closed forms and each other."""
+
+import pytest
+import torch
+from torch import nn
+
+from scalesparse.pruning import PRUNERS
+from scalesparse.pruning.base import weight_matrix
+
+IN, OUT = 64, 48
+
+
+def calibration(n=512, seed=0) -> torch.Tensor:
+    """Correlated inputs with a few large-magnitude feature columns (as LLM activations have).
+    One fixed distribution; `seed` draws the samples (calibration and held-out sets differ)."""
+    fixed = torch.Generator().manual_seed(1234)
+    mix = torch.eye(IN) + 0.5 * torch.randn(IN, IN, generator=fixed) / IN**0.5
+    scale = torch.ones(IN)
+    scale[torch.randperm(IN, generator=fixed)[:6]] = 8.0  # outlier features
+    z = torch.randn(n, IN, generator=torch.Generator().manual_seed(seed))
+    return (z @ mix) * scale
+
+
+def layer(seed=1) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(IN, OUT, bias=False)
+
+
+def run(method, lin, x, sparsity, nm=None):
+    p = PRUNERS.get(method)(lin)
+    for chunk in x.split(128):
+        p.add_batch(chunk)
+    return p.prune(sparsity, nm)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.75])
+def test_unstructured_sparsity_is_exact(method, sparsity):
+    keep, w = run(method, layer(), calibration(), sparsity)
+    assert int((~keep).sum()) == round(sparsity * OUT * IN)
+    assert torch.all(w[~keep] == 0) and w.shape == (OUT, IN)
+    if method == "wanda":  # compared within each output row
+        assert torch.all((~keep).sum(1) == round(sparsity * IN))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)])
+def test_n_of_m_structure(method, nm):
+    keep, w = run(method, layer(), calibration(), 0.5, nm)
+    n, m = nm
+    assert torch.all(keep.view(OUT, IN // m, m).sum(-1) == n)
+    assert torch.all(w[~keep] == 0)
+
+
+def test_quality_orders_as_in_the_literature():
+    """Layer reconstruction error ‖(W − Ŵ) Xᵀ‖² on held-out inputs: SparseGPT < Wanda < magnitude."""
+    x, held_out = calibration(seed=0), calibration(seed=5)
+    lin = layer()
+    w0 = lin.weight.detach()
+    errors = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        for nm in (None, (2, 4)):
+            _, w = run(method, lin, x, 0.5, nm)
+            errors[(method, nm)] = float(((w0 - w) @ held_out.t()).pow(2).sum())
+    for nm in (None, (2, 4)):
+        assert errors[("sparsegpt", nm)] < errors[("wanda", nm)] < errors[("magnitude", nm)], errors
+
+
+def test_sparsegpt_at_zero_sparsity_leaves_the_weights_alone():
+    lin = layer()
+    keep, w = run("sparsegpt", lin, calibration(), 0.0)
+    assert bool(keep.all())
+    torch.testing.assert_close(w, lin.weight.detach(), rtol=0, atol=1e-6)
+
+
+def test_sparsegpt_zeroes_weights_of_inputs_that_never_fire():
+    x = calibration()
+    x[:, 3] = 0.0
+    keep, w = run("sparsegpt", layer(), x, 0.25)
+    assert torch.all(w[:, 3] == 0)
+
+
+def test_gpt2_conv1d_is_seen_as_out_by_in():
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(OUT, IN)  # weight stored (in, out)
+    torch.nn.init.normal_(conv.weight)
+    assert weight_matrix(conv).shape == (OUT, IN)
+    keep, w = run("wanda", conv, calibration(), 0.5)
+    assert w.shape == (OUT, IN) and int((~keep).sum()) == OUT * IN // 2

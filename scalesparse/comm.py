@@ -49,6 +49,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_tensor(t: torch.Tensor, src: int) -> torch.Tensor:
+    """`t` from rank `src` (same shape and dtype everywhere); returns it on every rank."""
+    if is_distributed():
+        t = t.contiguous()
+        dist.broadcast(t, src=src)
+    return t
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     if not is_distributed():
         return [obj]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -379,6 +380,29 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- loading
+class _SafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 integers, so `pattern: 2:4` stays "2:4"."""
+
+
+_SafeLoader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+
+
+def safe_yaml(text: str) -> Any:
+    loader = _SafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _plain(v) for k, v in obj.items()}
@@ -481,6 +505,115 @@ def _build(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
     return obj
 
 
+# ----------------------------------------------------------------------------- one-shot pruning jobs
+@dataclass(frozen=True)
+class CalibrationConfig:
+    docs: tuple[str, ...] = ("tempest",)
+    """Corpus documents the calibration text is drawn from (by name prefix)."""
+    samples: int = 16
+    """Calibration sequences."""
+    seq_len: int = 256
+    """Tokens per calibration sequence."""
+    seed: int = 0
+    """Seed for picking the calibration windows."""
+
+    def _checks(self) -> Iterator[Problem]:
+        for name in ("samples", "seq_len"):
+            yield from _positive(self, name)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    docs: tuple[str, ...] = ("hamlet",)
+    """Held-out documents for perplexity (the same text for every method)."""
+    offset: int = 2000
+    """First token of the evaluated span."""
+    tokens: int = 4096
+    """Tokens evaluated (0 = skip the evaluation)."""
+    window: int = 512
+    """Context of each sliding window."""
+    stride: int = 256
+    """Step between windows; each window scores only the tokens no earlier window scored."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _non_negative(self, "tokens")
+        yield from _non_negative(self, "offset")
+        yield from _positive(self, "window")
+        yield from _positive(self, "stride")
+        if self.stride > self.window:
+            yield "stride", f"must be <= window ({self.window})"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    model: str = ""
+    """Folder of a transformers causal LM (config.json + safetensors or a .gguf), or a scalesparse export."""
+    gguf_file: str | None = None
+    """File name of a GGUF checkpoint inside `model` (dequantised to fp32 on load)."""
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    """Pruning method (scalesparse.pruning.PRUNERS)."""
+    sparsity: float = 0.5
+    """Fraction of weights removed in every pruned layer (with pattern: must be 1 − N/M)."""
+    pattern: str | None = None
+    """N:M structure along the input dimension, e.g. '2:4'; null = unstructured."""
+    include: tuple[str, ...] = ("*",)
+    """Globs over Linear layer names inside the decoder blocks; the LM head and embeddings are never pruned."""
+    exclude: tuple[str, ...] = ()
+    """Globs removed from include."""
+    blocksize: int = 128
+    """SparseGPT column block size."""
+    damp: float = 0.01
+    """SparseGPT dampening, as a fraction of the mean Hessian diagonal."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    """Calibration text."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Perplexity before and after."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The corpus the calibration and evaluation text come from."""
+    out: str = "pruned"
+    """Output folder: the pruned model (save_pretrained, safetensors) and report.json / report.md."""
+    workers: int = 1
+    """Ray workers sharing calibration and the per-layer solves."""
+    device: str = "cpu"
+    """Where the block being pruned is materialised (cpu or cuda); the rest of the model stays on CPU."""
+    allow_pickle: bool = False
+    """Allow loading pytorch_model.bin (a pickle: only for files you trust)."""
+
+    def _checks(self) -> Iterator[Problem]:
+        if not self.model:
+            yield "model", "is required: a folder with a transformers causal LM"
+        yield from _in_unit(self, "sparsity")
+        yield from _positive(self, "workers")
+        yield from _positive(self, "blocksize")
+        yield from _in_unit(self, "damp", closed_low=False)
+        if self.pattern is not None:
+            nm = self.nm
+            if nm is None:
+                yield "pattern", "must look like N:M with integers, e.g. 2:4"
+            elif not 0 < nm[0] < nm[1]:
+                yield "pattern", "must satisfy 0 < N < M"
+            elif abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+                yield "sparsity", f"must be 1 − N/M = {1 - nm[0] / nm[1]} with pattern {self.pattern}"
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        if self.pattern is None:
+            return None
+        try:
+            n, m = (int(v) for v in self.pattern.split(":"))
+        except ValueError:
+            return None
+        return n, m
+
+
+def load_prune_config(path: str | Path | None, overrides: list[str] | None = None) -> PruneConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    raw = apply_overrides(_deep_copy(data), list(overrides or []))
+    return _build(PruneConfig, raw)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=3e-4` → (['train', 'lr'], 3e-4). The value is parsed as YAML (safe loader)."""
     if "=" not in text:
@@ -490,7 +623,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"--set {text!r}: empty key in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: cannot parse {raw!r} ({e.__class__.__name__})") from None
     return parts, value
@@ -525,11 +658,14 @@ def _deep_copy(d: Any) -> Any:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML file (safe loader: no tags, no object construction) and validate it."""
-    path = Path(path)
+    return config_from_dict(_read_yaml(Path(path)), overrides)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_yaml(path.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -539,4 +675,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(data, overrides)
+    return data

@@ -71,6 +71,16 @@ def test_overrides_parse_yaml_values_and_floats_without_dot():
     assert "train.lr is 0.1, not a mapping" in err({"train": {"lr": 0.1}}, ["train.lr.x=1"])
 
 
+def test_n_of_m_patterns_stay_strings_not_base_60_integers(tmp_path):
+    from scalesparse.config import load_prune_config
+
+    assert load_prune_config(None, ["model=m", "pattern=2:4"]).nm == (2, 4)
+    f = tmp_path / "p.yaml"
+    f.write_text("model: m\npattern: 4:8\nsparsity: 0.5\n")
+    assert load_prune_config(f).nm == (4, 8)
+    assert config_from_dict({}, ["train.steps=0x10"]).train.steps == 16  # other integer forms still work
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1, 2\n  steps: 3\n")

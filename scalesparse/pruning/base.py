@@ -28,7 +28,8 @@ def keep_count(n: int, sparsity: float) -> int:
 class Pruner:
     needs_inputs: ClassVar[bool] = True
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, **options) -> None:
+        """`options`: method-specific knobs (SparseGPT: blocksize, damp); others ignore them."""
         self.layer = layer
         self.rows, self.columns = weight_matrix(layer).shape
         self.nsamples = torch.zeros((), dtype=torch.float64)

@@ -15,7 +15,7 @@ from scalesparse.pruning.base import PRUNERS, Pruner, weight_matrix
 
 @PRUNERS.register("sparsegpt")
 class SparseGPT(Pruner):
-    def __init__(self, layer, blocksize: int = 128, damp: float = 0.01):
+    def __init__(self, layer, blocksize: int = 128, damp: float = 0.01, **options):
         super().__init__(layer)
         self.blocksize, self.damp = blocksize, damp
         self.xxt = torch.zeros(self.columns, self.columns, dtype=torch.float64)  # Σ x xᵀ
@@ -38,7 +38,7 @@ class SparseGPT(Pruner):
         return torch.linalg.cholesky(Hinv, upper=True)
 
     def prune(self, sparsity, nm=None):
-        W = weight_matrix(self.layer).detach().float().clone()
+        W = weight_matrix(self.layer).detach().float().contiguous().clone()  # Conv1D views are transposed
         Hinv = self._inverse_hessian_factor(W)
         rows, cols = W.shape
         keep = torch.ones_like(W, dtype=torch.bool)

@@ -10,7 +10,7 @@ from scalesparse.pruning.base import PRUNERS, Pruner, weight_matrix
 
 @PRUNERS.register("wanda")
 class Wanda(Pruner):
-    def __init__(self, layer):
+    def __init__(self, layer, **options):
         super().__init__(layer)
         self.sq_sum = torch.zeros(self.columns, dtype=torch.float64)  # Σ over tokens of x_j²
 

@@ -1,0 +1,85 @@
+"""The calibration walk on small random models of each supported family (built from configs, no download)."""
+
+import pytest
+import torch
+
+from scalesparse.errors import ScalesparseError
+from scalesparse.pruning.base import weight_matrix
+from scalesparse.pruning.calibrate import prune_model
+from scalesparse.pruning.hf import find_blocks, linear_layers
+
+V = 96
+
+
+def family(name: str):
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,  # fmt: skip
+        OPTConfig,
+        OPTForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=V, n_positions=64,
+                                          bos_token_id=0, eos_token_id=0))  # fmt: skip
+    if name == "opt":
+        return OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                                        vocab_size=V, max_position_embeddings=64, word_embed_proj_dim=32))  # fmt: skip
+    if name == "llama":
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, vocab_size=V))  # fmt: skip
+    return GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, vocab_size=V))  # fmt: skip
+
+
+def batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, V, (2, 16), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt", "llama", "neox"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_every_block_layer_is_exactly_sparse_and_the_rest_untouched(name, method):
+    model = family(name).eval()
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    report = prune_model(model, batches(), method, 0.5, progress=False)
+    _, blocks = find_blocks(model)
+    layers = [m for b in blocks for m in linear_layers(b).values()]
+    assert len(report.layers) == len(layers) >= 8
+    for m in layers:
+        w = weight_matrix(m)
+        assert int((w == 0).sum()) == w.numel() // 2, type(m).__name__
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+    with torch.no_grad():
+        assert torch.isfinite(model(batches(1)[0]).logits).all()
+
+
+def test_two_four_pattern_and_include_globs():
+    model = family("llama").eval()
+    report = prune_model(model, batches(), "sparsegpt", 0.5, nm=(2, 4), include=("*.mlp.*",), progress=False)
+    assert {r.name.split(".")[-1] for r in report.layers} == {"gate_proj", "up_proj", "down_proj"}
+    for b in find_blocks(model)[1]:
+        w = b.mlp.down_proj.weight
+        assert torch.all((w != 0).view(w.shape[0], -1, 4).sum(-1) == 2)
+        assert int((b.self_attn.q_proj.weight == 0).sum()) == 0
+
+
+def test_sparsegpt_reconstructs_better_than_magnitude_on_the_same_calibration():
+    errs = {}
+    for method in ("magnitude", "sparsegpt"):
+        report = prune_model(family("opt").eval(), batches(6), method, 0.5, progress=False)
+        errs[method] = sum(r.rel_error for r in report.layers) / len(report.layers)
+    assert errs["sparsegpt"] < errs["magnitude"]
+
+
+def test_a_model_without_a_block_list_is_refused():
+    class Odd(torch.nn.Module):
+        config = type("C", (), {"num_hidden_layers": 3})()
+
+    with pytest.raises(ScalesparseError, match="unsupported architecture Odd"):
+        find_blocks(Odd())

@@ -42,6 +42,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from scalesparse.config import load_prune_config
+    from scalesparse.pruning.job import run_prune
+
+    short = {"model": args.model, "method": args.method, "sparsity": args.sparsity, "pattern": args.pattern,
+             "out": args.out, "gguf_file": args.gguf_file}  # fmt: skip
+    overrides = [f"{k}={v}" for k, v in short.items() if v is not None] + args.overrides
+    if args.allow_pickle:
+        overrides.append("allow_pickle=true")
+    cfg = load_prune_config(args.config, overrides)
+    r = run_prune(cfg)
+    ppl = (f"perplexity {r['ppl_before']:.2f} → {r['ppl_after']:.2f}" if r["ppl_before"] is not None
+           else "no evaluation")  # fmt: skip
+    print(f"{cfg.method} {cfg.pattern or 'unstructured'} {cfg.sparsity:.0%}: {ppl}; "
+          f"pruned in {r['prune_seconds']:.1f} s → {cfg.out} (report.md)")  # fmt: skip
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from scalesparse.config import load_config
 
@@ -66,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint folder, checkpoints root or run directory")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("prune", help="one-shot prune a pretrained causal LM and measure perplexity before/after")
+    p.add_argument("config", nargs="?", help="prune YAML (optional with --model)")
+    p.add_argument("--model", help="folder of a transformers causal LM (or a scalesparse export)")
+    p.add_argument("--gguf-file", help="a .gguf file inside --model")
+    p.add_argument("--method", help="magnitude | wanda | sparsegpt")
+    p.add_argument("--sparsity", type=float, help="fraction of weights removed per layer, in [0, 1)")
+    p.add_argument("--pattern", help="N:M structure, e.g. 2:4")
+    p.add_argument("--out", help="output folder (must be new or empty)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (trusted files only)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    p.set_defaults(fn=cmd_prune)
 
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="config_command", required=True)

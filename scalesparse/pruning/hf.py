@@ -11,9 +11,8 @@ from torch import nn
 from scalesparse.errors import ConfigError, ScalesparseError
 
 
-def load_causal_lm(folder: str, gguf_file: str | None = None, allow_pickle: bool = False):
-    """(model in fp32 eval mode, tokenizer). Refuses pickled weights unless allowed; never reaches a hub."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def check_model_folder(folder: str, gguf_file: str | None = None, allow_pickle: bool = False) -> dict:
+    """Cheap checks of a model folder before anything is loaded; returns from_pretrained's kwargs."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise ConfigError(f"model: {path} is not a folder")
@@ -33,6 +32,14 @@ def load_causal_lm(folder: str, gguf_file: str | None = None, allow_pickle: bool
             raise ConfigError(f"model: {pickles[0]} is a pickle, which can run code when loaded; convert it to "
                               f"safetensors or pass --allow-pickle if you trust it")  # fmt: skip
         kwargs["use_safetensors"] = bool(safetensors)
+    return kwargs
+
+
+def load_causal_lm(folder: str, gguf_file: str | None = None, allow_pickle: bool = False):
+    """(model in fp32 eval mode, tokenizer). Refuses pickled weights unless allowed; never reaches a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kwargs = check_model_folder(folder, gguf_file, allow_pickle)
+    path = Path(folder).expanduser()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:

@@ -1,0 +1,100 @@
+"""`scalesparse prune`: load → perplexity before → calibrate and prune block by block → perplexity
+after → save_pretrained (safetensors) + report.json / report.md. Everything that can fail cheaply
+(paths, config, text lengths) fails before the model is touched."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from scalesparse.config import PruneConfig
+from scalesparse.data import fetch_corpus, split_documents
+from scalesparse.errors import ConfigError
+
+
+def _text(cfg: PruneConfig, docs: tuple[str, ...]) -> str:
+    _, chosen = split_documents(fetch_corpus(cfg.data), docs)
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in chosen)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"out: {out} exists and is not an empty folder; choose another")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_text("")
+        (out / ".write_test").unlink()
+    except OSError as e:
+        raise ConfigError(f"out: cannot write to {out} ({e.strerror})") from None
+
+
+def calibration_batches(ids: torch.Tensor, cfg: PruneConfig, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
+    c = cfg.calibration
+    if ids.numel() < c.seq_len + 1:
+        raise ConfigError(f"calibration: {ids.numel()} tokens in {list(c.docs)} is too few for seq_len={c.seq_len}")
+    g = torch.Generator().manual_seed(c.seed)
+    starts = torch.randint(0, ids.numel() - c.seq_len, (c.samples,), generator=g).tolist()
+    mine = starts[rank::world]  # each worker gets a share; the statistics are summed over workers
+    return [ids[s : s + c.seq_len].unsqueeze(0) for s in mine]
+
+
+def run_prune(cfg: PruneConfig, progress: bool = True) -> dict:
+    from scalesparse.pruning.calibrate import prune_model
+    from scalesparse.pruning.evaluate import perplexity
+    from scalesparse.pruning.hf import check_model_folder, find_blocks, load_causal_lm
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out).expanduser()
+    check_model_folder(cfg.model, cfg.gguf_file, cfg.allow_pickle)
+    _check_out(out)
+    calib_text, eval_text = _text(cfg, cfg.calibration.docs), _text(cfg, cfg.eval.docs)
+    model, tok = load_causal_lm(cfg.model, cfg.gguf_file, cfg.allow_pickle)
+    find_blocks(model)  # unsupported architectures fail here, before any work
+    calib_ids = torch.tensor(tok(calib_text, add_special_tokens=False)["input_ids"])
+    batches = calibration_batches(calib_ids, cfg)
+    e = cfg.eval
+    eval_ids = torch.tensor(tok(eval_text, add_special_tokens=False)["input_ids"])[e.offset : e.offset + e.tokens]
+    if e.tokens and eval_ids.numel() < e.tokens:
+        raise ConfigError(f"eval: only {eval_ids.numel()} tokens after offset {e.offset} in {list(e.docs)}")
+    before = perplexity(model, eval_ids, e.window, e.stride) if e.tokens else None
+    report = prune_model(model, batches, cfg.method, cfg.sparsity, cfg.nm, cfg.include, cfg.exclude, cfg.device,
+                         {"blocksize": cfg.blocksize, "damp": cfg.damp}, progress=progress)  # fmt: skip
+    after = perplexity(model, eval_ids, e.window, e.stride) if e.tokens else None
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    pruned = sum(r.shape[0] * r.shape[1] * r.sparsity for r in report.layers)
+    total = sum(r.shape[0] * r.shape[1] for r in report.layers)
+    result = {
+        "model": cfg.model, "method": cfg.method, "sparsity": cfg.sparsity, "pattern": cfg.pattern,
+        "ppl_before": before["ppl"] if before else None, "ppl_after": after["ppl"] if after else None,
+        "pruned_fraction_of_pruned_layers": pruned / max(1, total),
+        "calibration": {**asdict(cfg.calibration), "tokens": cfg.calibration.samples * cfg.calibration.seq_len},
+        "eval": {**asdict(e), **({k: before[k] for k in ("tokens_scored",)} if before else {})},
+        "prune_seconds": report.seconds, "wall_seconds": time.perf_counter() - t0,
+        "layers": [asdict(r) for r in report.layers],
+    }  # fmt: skip
+    (out / "report.json").write_text(json.dumps(result, indent=1))
+    (out / "report.md").write_text(_markdown(result))
+    return result
+
+
+def _markdown(r: dict) -> str:
+    c, e = r["calibration"], r["eval"]
+    ppl = (f"| perplexity | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} |" if r["ppl_before"] is not None
+           else "| perplexity | (not evaluated) | |")  # fmt: skip
+    lines = [
+        f"# {r['method']} {r['pattern'] or 'unstructured'} at {r['sparsity']:.0%}: {r['model']}", "",
+        "| | dense | pruned |", "|---|---|---|", ppl, "",
+        f"Protocol: perplexity on {', '.join(e['docs'])} tokens [{e['offset']}, {e['offset'] + e['tokens']}), "
+        f"sliding windows of {e['window']} tokens with stride {e['stride']} (each token scored once). Calibration: "
+        f"{c['samples']} windows of {c['seq_len']} tokens from {', '.join(c['docs'])}, seed {c['seed']}. "
+        f"Pruning took {r['prune_seconds']:.1f} s.", "",
+        "| layer | shape | sparsity | relative reconstruction error | seconds |", "|---|---|---|---|---|",
+    ]  # fmt: skip
+    lines += [f"| {x['name']} | {x['shape'][0]}×{x['shape'][1]} | {x['sparsity']:.4f} | {x['rel_error']:.4g} | "
+              f"{x['seconds']:.2f} |" for x in r["layers"]]  # fmt: skip
+    return "\n".join(lines) + "\n"

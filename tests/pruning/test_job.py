@@ -1,0 +1,74 @@
+"""`scalesparse prune` end to end on a scalesparse-exported model (transformers Llama format)."""
+
+import json
+
+import pytest
+import torch
+
+from scalesparse.cli import main
+from scalesparse.config import ModelConfig, config_from_dict
+from scalesparse.data import prepare_data
+from scalesparse.export import write_model
+from scalesparse.model import GPT
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, small_data):
+    data = config_from_dict({"data": small_data}).data
+    prepared = prepare_data(data)
+    cfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, seq_len=64)
+    torch.manual_seed(0)
+    model = GPT(cfg, prepared.vocab_size)
+    out = tmp_path_factory.mktemp("export")
+    write_model({n: p.detach() for n, p in model.named_parameters()}, cfg, prepared.vocab_size, out,
+                prepared.tokenizer_path)  # fmt: skip
+    return out
+
+
+def data_args(small_data):
+    args = [f"data.cache_dir={small_data['cache_dir']}"] + ([f"data.path={small_data['path']}"] if "path" in small_data
+                                                             else [])  # fmt: skip
+    small = ["calibration.samples=4", "calibration.seq_len=32", "eval.tokens=320", "eval.window=64",
+             "eval.stride=32", "eval.offset=0"]  # fmt: skip
+    return [x for a in args + small for x in ("--set", a)]
+
+
+@pytest.mark.parametrize("method, pattern", [("sparsegpt", None), ("wanda", "2:4")])
+def test_prune_cli_saves_a_sparse_transformers_model_and_a_report(exported, small_data, tmp_path, method, pattern):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(exported), "--method", method, "--sparsity", "0.5", "--out", str(out),
+            *(["--pattern", pattern] if pattern else []), *data_args(small_data)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ppl_before"] > 1 and report["ppl_after"] > 1
+    assert report["eval"]["tokens_scored"] == 319 and len(report["layers"]) == 14
+    assert "sliding windows of 64 tokens with stride 32" in (out / "report.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # zeros survive the round trip
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            assert int((proj.weight == 0).sum()) == proj.weight.numel() // 2
+    assert int((model.lm_head.weight == 0).sum()) == 0
+
+
+def test_bad_inputs_fail_before_work(exported, small_data, tmp_path, capsys):
+    def err(*argv):
+        assert main(["prune", *data_args(small_data), *argv]) == 2  # argv last: its --set wins
+        return capsys.readouterr().err.strip()
+
+    assert "has no config.json" in err("--model", str(tmp_path), "--out", str(tmp_path / "o1"))
+    assert not (tmp_path / "o1").exists()  # nothing created for a bad model path
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"not really")
+    assert "is a pickle" in err("--model", str(pickled), "--out", str(tmp_path / "o2"))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert "exists and is not an empty folder" in err("--model", str(exported), "--out", str(busy))
+    assert (busy / "keep.txt").read_text() == "mine"
+    assert "too few for seq_len" in err("--model", str(exported), "--out", str(tmp_path / "o3"), "--set",
+                                        "calibration.seq_len=100000000")  # fmt: skip
+    assert "sparsity: 1.0 is not allowed" in err("--model", str(exported), "--sparsity", "1.0")

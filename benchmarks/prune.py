@@ -1,0 +1,96 @@
+"""One-shot pruning of a real pretrained LLM: perplexity and wall time per method, and SparseGPT's
+cost against layer width.
+
+Part 1: SmolLM2-135M (scalesparse assets fetch smollm2-135m; Q4_1 weights dequantised to fp32), each
+method at 50% unstructured and 2:4, the same calibration (16 × 256 tokens of The Tempest) and the
+same evaluation (Hamlet, sliding windows; see each report.md) for all.
+Part 2: SparseGPT on one random d×d layer with n calibration tokens: Hessian accumulation (∝ n·d²)
+and the solve (∝ d³) timed separately, for growing d.
+
+    .venv/bin/python benchmarks/prune.py [--methods ...] [--widths 256 512 1024 2048] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_model(args) -> list[dict]:
+    from scalesparse.assets import fetch_model
+    from scalesparse.config import load_prune_config
+    from scalesparse.pruning.job import run_prune
+
+    model = fetch_model("smollm2-135m")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pattern in (None, "2:4"):
+            for method in args.methods:
+                sets = [f"model={model}", f"method={method}", "sparsity=0.5", f"out={tmp}/{method}-{pattern}",
+                        f"eval.tokens={args.eval_tokens}"]  # fmt: skip
+                if pattern:
+                    sets.append(f"pattern={pattern}")
+                r = run_prune(load_prune_config(None, sets), progress=False)
+                rows.append({k: r[k] for k in ("method", "pattern", "sparsity", "ppl_before", "ppl_after",
+                                               "prune_seconds", "wall_seconds", "calibration", "eval")})  # fmt: skip
+                print(f"{method:>9} {pattern or 'unstructured':>12}: ppl {r['ppl_before']:.2f} → {r['ppl_after']:.2f} "
+                      f"(pruning {r['prune_seconds']:.0f} s)", flush=True)  # fmt: skip
+    return rows
+
+
+def scaling(args) -> list[dict]:
+    from torch import nn
+
+    from scalesparse.pruning import PRUNERS
+
+    rows = []
+    for d in args.widths:
+        torch.manual_seed(0)
+        layer = nn.Linear(d, d, bias=False)
+        x = torch.randn(args.tokens, d)
+        p = PRUNERS.get("sparsegpt")(layer)
+        t0 = time.perf_counter()
+        for chunk in x.split(512):
+            p.add_batch(chunk)
+        t1 = time.perf_counter()
+        p.prune(0.5)
+        t2 = time.perf_counter()
+        rows.append({"d": d, "tokens": args.tokens, "hessian_s": t1 - t0, "solve_s": t2 - t1})
+        print(f"d={d:>5}: Hessian {t1 - t0:.3f} s, solve {t2 - t1:.3f} s", flush=True)
+    for a, b in zip(rows, rows[1:]):
+        r = b["d"] / a["d"]
+        b["hessian_growth_vs_prev"] = b["hessian_s"] / a["hessian_s"]
+        b["solve_growth_vs_prev"] = b["solve_s"] / a["solve_s"]
+        b["expected_growth"] = {"hessian (n·d²)": r**2, "solve (d³)": r**3}
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
+    ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens for the scaling sweep")
+    ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/prune.json"))
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = {"benchmark": "prune", "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+           "real_model": [] if args.skip_real else real_model(args), "sparsegpt_scaling": scaling(args),
+           "workers": "1 (multi-worker pruning not wired to Ray yet)"}  # fmt: skip
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

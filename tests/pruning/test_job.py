@@ -72,3 +72,8 @@ def test_bad_inputs_fail_before_work(exported, small_data, tmp_path, capsys):
     assert "too few for seq_len" in err("--model", str(exported), "--out", str(tmp_path / "o3"), "--set",
                                         "calibration.seq_len=100000000")  # fmt: skip
     assert "sparsity: 1.0 is not allowed" in err("--model", str(exported), "--sparsity", "1.0")
+    assert "pattern: '4:4' is not allowed; must satisfy 0 < N < M" in err("--model", str(exported), "--pattern", "4:4")
+    empty = tmp_path / "noweights"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    assert "has no weights" in err("--model", str(empty), "--out", str(tmp_path / "o4"))

@@ -18,7 +18,12 @@ def err(data, overrides=None) -> str:
 
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/**/*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    assert isinstance(load_config(path), Config)
+    if path.name.startswith("prune-"):
+        from scalesparse.config import PruneConfig, load_prune_config
+
+        assert isinstance(load_prune_config(path), PruneConfig)
+    else:
+        assert isinstance(load_config(path), Config)
 
 
 def test_defaults_round_trip_through_dict():

@@ -584,8 +584,6 @@ class PruneConfig:
             yield "model", "is required: a folder with a transformers causal LM"
         yield from _in_unit(self, "sparsity")
         yield from _positive(self, "workers")
-        if self.workers > 1:  # the walk is collective-ready (comm); the Ray launch of it is not wired yet
-            yield "workers", "pruning on several Ray workers is not available yet; use 1"
         yield from _positive(self, "blocksize")
         yield from _in_unit(self, "damp", closed_low=False)
         if self.pattern is not None:
@@ -606,6 +604,10 @@ class PruneConfig:
         except ValueError:
             return None
         return n, m
+
+
+def prune_config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
+    return _build(PruneConfig, _deep_copy(dict(data)))
 
 
 def load_prune_config(path: str | Path | None, overrides: list[str] | None = None) -> PruneConfig:

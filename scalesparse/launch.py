@@ -63,43 +63,46 @@ def _worker_entry(args: dict[str, Any]) -> None:
     train_worker(args, progress_factory=_ray_progress)
 
 
-def local_cpus_needed(cfg: Config) -> float:
-    return max(float(os.cpu_count() or 1), cfg.parallel.workers * cfg.resources.cpus_per_worker)
-
-
 def run_workers(cfg: Config, args: dict[str, Any], address: str | None = None,
                 entry: Callable[[dict[str, Any]], None] = _worker_entry) -> None:  # fmt: skip
-    """Run `entry(args)` on cfg.parallel.workers Ray Train workers with a torch process group."""
+    """Run a training `entry(args)` on cfg.parallel.workers Ray Train workers."""
+    run_on_workers(
+        entry, args, workers=cfg.parallel.workers, cpus_per_worker=cfg.resources.cpus_per_worker,
+        gpus_per_worker=cfg.resources.gpus_per_worker, placement=cfg.resources.placement,
+        backend=cfg.parallel.backend, storage=Path(args["run_dir"]) / "ray", name=cfg.name,
+        max_failures=cfg.fault_tolerance.max_failures, address=address,
+    )  # fmt: skip
+
+
+def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any], *, workers: int,
+                   cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, placement: str = "PACK",
+                   backend: str = "auto", storage: Path, name: str, max_failures: int = 0,
+                   address: str | None = None) -> None:  # fmt: skip
+    """Run `entry(args)` on `workers` Ray Train workers that share a torch process group."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Logical CPUs: 2 workers × 1 CPU must fit on a 2-core laptop next to the driver.
-    init_ray(address, num_cpus=None if address else local_cpus_needed(cfg))
-    gpu = cfg.resources.gpus_per_worker > 0
-    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if gpu else "gloo")
-    resources = {"CPU": cfg.resources.cpus_per_worker}
-    if gpu:
-        resources["GPU"] = cfg.resources.gpus_per_worker
+    init_ray(address, num_cpus=None if address else max(float(os.cpu_count() or 1), workers * cpus_per_worker))
+    gpu = gpus_per_worker > 0
+    backend = backend if backend != "auto" else ("nccl" if gpu else "gloo")
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}
     trainer = TorchTrainer(
         entry,
         train_loop_config=args,
         torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.parallel.workers,
-            use_gpu=gpu,
-            resources_per_worker=resources,
-            placement_strategy=cfg.resources.placement,
-        ),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
+                                     placement_strategy=placement),  # fmt: skip
         run_config=RunConfig(
-            name=f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-            storage_path=str((Path(args["run_dir"]) / "ray").resolve()),
-            failure_config=FailureConfig(max_failures=cfg.fault_tolerance.max_failures),
+            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            storage_path=str(Path(storage).resolve()),
+            failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
     try:
         trainer.fit()
     except TrainingFailedError as e:
-        raise ScalesparseError(f"training failed: {_root_cause(e)}") from e
+        raise ScalesparseError(f"{name} failed on the workers: {_root_cause(e)}") from e
 
 
 def _root_cause(e: BaseException) -> str:

@@ -42,27 +42,57 @@ def calibration_batches(ids: torch.Tensor, cfg: PruneConfig, rank: int = 0, worl
     return [ids[s : s + c.seq_len].unsqueeze(0) for s in mine]
 
 
-def run_prune(cfg: PruneConfig, progress: bool = True) -> dict:
-    from scalesparse.pruning.calibrate import prune_model
-    from scalesparse.pruning.evaluate import perplexity
-    from scalesparse.pruning.hf import check_model_folder, find_blocks, load_causal_lm
+def run_prune(cfg: PruneConfig, progress: bool = True, address: str | None = None) -> dict:
+    """Check everything cheap here, then prune in this process or on `cfg.workers` Ray workers."""
+    from scalesparse.pruning.hf import check_model_folder
 
-    t0 = time.perf_counter()
     out = Path(cfg.out).expanduser()
     check_model_folder(cfg.model, cfg.gguf_file, cfg.allow_pickle)
     _check_out(out)
+    if cfg.workers == 1:
+        return _prune(cfg, progress)
+    import tempfile
+
+    from scalesparse import launch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        launch.run_on_workers(_prune_worker, {"config": asdict(cfg), "progress": progress}, workers=cfg.workers,
+                              storage=Path(tmp), name="prune", address=address)  # fmt: skip
+    return json.loads((out / "report.json").read_text())
+
+
+def _prune_worker(args: dict) -> None:
+    from scalesparse.config import prune_config_from_dict
+
+    _prune(prune_config_from_dict(args["config"]), args["progress"])
+
+
+def _prune(cfg: PruneConfig, progress: bool) -> dict:
+    """On every worker: each calibrates on its share of the samples; the walk sums the statistics and
+    spreads the solves; rank 0 evaluates, saves and reports."""
+    from scalesparse import comm
+    from scalesparse.pruning.calibrate import prune_model
+    from scalesparse.pruning.evaluate import perplexity
+    from scalesparse.pruning.hf import find_blocks, load_causal_lm
+
+    t0 = time.perf_counter()
+    lead = comm.rank() == 0
+    out = Path(cfg.out).expanduser()
     calib_text, eval_text = _text(cfg, cfg.calibration.docs), _text(cfg, cfg.eval.docs)
     model, tok = load_causal_lm(cfg.model, cfg.gguf_file, cfg.allow_pickle)
     find_blocks(model)  # unsupported architectures fail here, before any work
     calib_ids = torch.tensor(tok(calib_text, add_special_tokens=False)["input_ids"])
-    batches = calibration_batches(calib_ids, cfg)
+    batches = calibration_batches(calib_ids, cfg, comm.rank(), comm.world_size())
     e = cfg.eval
     eval_ids = torch.tensor(tok(eval_text, add_special_tokens=False)["input_ids"])[e.offset : e.offset + e.tokens]
     if e.tokens and eval_ids.numel() < e.tokens:
         raise ConfigError(f"eval: only {eval_ids.numel()} tokens after offset {e.offset} in {list(e.docs)}")
-    before = perplexity(model, eval_ids, e.window, e.stride) if e.tokens else None
+    before = perplexity(model, eval_ids, e.window, e.stride) if e.tokens and lead else None
     report = prune_model(model, batches, cfg.method, cfg.sparsity, cfg.nm, cfg.include, cfg.exclude, cfg.device,
                          {"blocksize": cfg.blocksize, "damp": cfg.damp}, progress=progress)  # fmt: skip
+    if not lead:
+        comm.barrier()
+        return {}
     after = perplexity(model, eval_ids, e.window, e.stride) if e.tokens else None
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -70,6 +100,7 @@ def run_prune(cfg: PruneConfig, progress: bool = True) -> dict:
     total = sum(r.shape[0] * r.shape[1] for r in report.layers)
     result = {
         "model": cfg.model, "method": cfg.method, "sparsity": cfg.sparsity, "pattern": cfg.pattern,
+        "workers": comm.world_size(),
         "ppl_before": before["ppl"] if before else None, "ppl_after": after["ppl"] if after else None,
         "pruned_fraction_of_pruned_layers": pruned / max(1, total),
         "calibration": {**asdict(cfg.calibration), "tokens": cfg.calibration.samples * cfg.calibration.seq_len},
@@ -79,6 +110,7 @@ def run_prune(cfg: PruneConfig, progress: bool = True) -> dict:
     }  # fmt: skip
     (out / "report.json").write_text(json.dumps(result, indent=1))
     (out / "report.md").write_text(_markdown(result))
+    comm.barrier()  # the others wait until the model is saved
     return result
 
 

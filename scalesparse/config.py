@@ -239,6 +239,9 @@ class TrainConfig:
     """Validate every this many steps (and at the start and the end); 0 = only at the end."""
     dtype: Literal["fp32", "bf16"] = "fp32"
     """Training precision. bf16 needs a GPU; CPU runs are fp32."""
+    init_from: str | None = None
+    """An exported model folder (`scalesparse export`) whose weights start this run; optimizer state,
+    LR schedule and data position start fresh. Also how to continue on a different worker count."""
 
     def _checks(self) -> Iterator[Problem]:
         for name in ("steps", "global_batch_size", "micro_batch_size", "lr", "eps"):

@@ -15,3 +15,7 @@ class CheckpointError(ScalesparseError):
 
 class DataError(ScalesparseError):
     """A corpus or tokenizer could not be found, fetched or verified."""
+
+
+class LaunchError(ScalesparseError):
+    """A Ray cluster cannot be reached, or a submitted job could not be started or followed."""

@@ -102,19 +102,36 @@ def _write_transformers_files(m: ModelConfig, vocab: int, out: Path, tokenizer: 
         PreTrainedTokenizerFast(tokenizer_file=str(tokenizer), eos_token="<|endoftext|>").save_pretrained(out)
 
 
+def read_exported_meta(folder: Path) -> dict:
+    folder = Path(folder)
+    if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
+        raise CheckpointError(f"{folder}: not an exported model (needs {META} and {WEIGHTS}; see `scalesparse export`)")
+    try:
+        return json.loads((folder / META).read_text())
+    except ValueError:
+        raise CheckpointError(f"{folder / META}: not valid JSON") from None
+
+
+def load_weights(model, folder: Path) -> None:
+    """Copy an exported model's weights into `model` (safetensors only), naming what does not fit."""
+    folder = Path(folder)
+    sd = {k.removeprefix("model."): v for k, v in load_file(str(folder / WEIGHTS)).items()}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        why = str(e).splitlines()[-1].strip()
+        raise CheckpointError(f"{folder / WEIGHTS}: does not fit this model ({why})") from None
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder / WEIGHTS}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
 def load_exported(folder: Path):
     """An exported model as a scalesparse GPT (weights loaded with safetensors only)."""
     from scalesparse.model import GPT
 
-    folder = Path(folder)
-    if not (folder / META).is_file() or not (folder / WEIGHTS).is_file():
-        raise CheckpointError(f"{folder}: not an exported model (needs {META} and {WEIGHTS})")
-    meta = json.loads((folder / META).read_text())
+    meta = read_exported_meta(folder)
     cfg = config_from_dict({"model": meta["model"], **({"moe": meta["moe"]} if "moe" in meta else {})})
     model = GPT(cfg.model, meta["vocab_size"], cfg.moe)
-    sd = {k.removeprefix("model."): v for k, v in load_file(str(folder / WEIGHTS)).items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder / WEIGHTS}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    load_weights(model, folder)
     return model

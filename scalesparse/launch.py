@@ -7,14 +7,45 @@ every worker logs a warning each second), and no usage reporting.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from scalesparse.config import Config
-from scalesparse.errors import ScalesparseError
+from scalesparse.errors import LaunchError, ScalesparseError
+
+# Ports Ray listens on when an address leaves the port out: GCS, Ray Client, dashboard / Jobs API.
+DEFAULT_PORTS = {"": 6379, "ray": 10001, "http": 8265, "https": 443}
+CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str | None, flag: str = "--address", timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, naming the address, when nothing listens there.
+
+    ray.init and the Jobs client retry an unreachable address for a minute or more before giving
+    up with a long traceback; one TCP connect tells the user the same thing at once.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    scheme = parts.scheme.lower()
+    try:
+        host, port = parts.hostname, parts.port or DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise LaunchError(f"{flag} {address}: not a Ray address (expected HOST:PORT, ray://HOST:PORT or http://HOST:PORT)")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        why = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise LaunchError(f"{flag} {address}: cannot reach {host}:{port} ({why}); is the Ray head running?") from None
 
 
 def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
@@ -60,7 +91,24 @@ def _ray_progress(total: int, desc: str):
 def _worker_entry(args: dict[str, Any]) -> None:
     from scalesparse.train.loop import train_worker
 
+    _record_worker(Path(args["run_dir"]))
     train_worker(args, progress_factory=_ray_progress)
+
+
+def _record_worker(run_dir: Path) -> None:
+    """workers/rank{r}.json: where each rank runs (node, pid), for operators and chaos tests."""
+    import ray
+
+    from scalesparse import comm
+
+    rank = comm.rank()
+    folder = run_dir / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"rank": rank, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(), "started": time.time()}  # fmt: skip
+    tmp = folder / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, folder / f"rank{rank}.json")
 
 
 def run_workers(cfg: Config, args: dict[str, Any], address: str | None = None,
@@ -116,3 +164,60 @@ def _root_cause(e: BaseException) -> str:
         if text:
             return f"{type(cause).__name__}: {text[-1]}"
     return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+
+
+def submit_job(cfg: Config, *, address: str | None, resume: str | None = None, python: str = "python",
+               wait: bool = True) -> int:  # fmt: skip
+    """`scalesparse submit`: run `scalesparse train` as a Ray Job; stream its logs, return its exit code.
+
+    The config travels resolved (overrides applied, validated here) as the job's working dir, so
+    the cluster runs exactly what was checked on the laptop. Paths inside it (run_dir, data cache)
+    are the cluster's: point them at shared storage.
+    """
+    import asyncio
+    import tempfile
+
+    address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    if "://" not in address:
+        address = f"http://{address}"
+    if address.startswith("ray://"):
+        raise LaunchError(f"--address {address}: submit talks to the Ray Jobs API; give the dashboard's "
+                          "http://HOST:8265 address (ray:// is for `scalesparse train --address`)")  # fmt: skip
+    check_reachable(address)
+    if not cfg.run_path.is_absolute():
+        print(f"warning: run_dir {cfg.run_dir!r} is relative: on the cluster it lands inside the job's temporary "
+              "working directory; set an absolute path on shared storage to keep the checkpoints", flush=True)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    entry = [python, "-m", "scalesparse", "train", "config.yaml"] + (["--resume", resume] if resume else [])
+    with tempfile.TemporaryDirectory(prefix="scalesparse-submit-") as tmp:
+        (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
+        job_id = client.submit_job(
+            entrypoint=shlex.join(entry),
+            submission_id=f"scalesparse-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            runtime_env={"working_dir": tmp, "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
+        )
+    print(f"submitted job {job_id} to {address}", flush=True)
+    if not wait:
+        return 0
+
+    async def follow() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job keeps running (ray job stop {job_id} --address {address})")
+        raise
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    info = client.get_job_info(job_id)
+    while info.status not in terminal:  # the log stream can close a moment before the status settles
+        time.sleep(0.5)
+        info = client.get_job_info(job_id)
+    code = getattr(info, "driver_exit_code", None)
+    if code is None:
+        code = 0 if info.status == JobStatus.SUCCEEDED else 1
+    print(f"job {job_id}: {info.status.value}, exit code {code}", flush=True)
+    return int(code)

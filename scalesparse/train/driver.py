@@ -6,6 +6,7 @@ Order: run directory → resume target (verified against its manifest, shapes co
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -70,9 +71,27 @@ def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path
     if state["world_size"] != cfg.parallel.workers or state["zero_stage"] != cfg.parallel.zero_stage:
         raise CheckpointError(
             f"{where}: written by {state['world_size']} workers with ZeRO-{state['zero_stage']}; resume "
-            f"with parallel.workers={state['world_size']} parallel.zero_stage={state['zero_stage']}, or "
-            f"`scalesparse export` it and start a new run from the exported weights"
+            f"with parallel.workers={state['world_size']} parallel.zero_stage={state['zero_stage']}, or convert: "
+            f"`scalesparse export {where} --out DIR`, then start a new run with --set train.init_from=DIR "
+            f"(weights carried over; optimizer state and data order restart)"
         )
+
+
+def check_init_from(cfg: Config, vocab: int) -> None:
+    """train.init_from must be an exported model of exactly this shape (checked before any worker starts)."""
+    from scalesparse.export import read_exported_meta
+
+    folder = Path(cfg.train.init_from).expanduser()
+    meta = read_exported_meta(folder)
+    sections = ["model"] + (["moe"] if cfg.model.mlp == "moe" else [])
+    for section in sections:
+        for key, value in cfg.to_dict()[section].items():
+            if meta.get(section, {}).get(key) != value:
+                raise ConfigError(f"train.init_from: {folder} is another model shape ({section}.{key} = "
+                                  f"{meta.get(section, {}).get(key)!r} there, {value!r} here)")  # fmt: skip
+    if meta["vocab_size"] != vocab:
+        raise ConfigError(f"train.init_from: {folder} has a vocabulary of {meta['vocab_size']} tokens, "
+                          f"the data {vocab}")
 
 
 def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
@@ -94,9 +113,15 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     from scalesparse import launch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    launch.check_reachable(address or os.environ.get("RAY_ADDRESS"))  # seconds, not minutes of retries
     run_dir = prepare_run_dir(cfg, resume)
     data: PreparedData = prepare_data(cfg.data)
     start = resolve_resume(cfg, resume, run_dir, data.vocab_size)
+    if cfg.train.init_from and start is None:
+        check_init_from(cfg, data.vocab_size)
+        # workers run in other folders (and on other nodes): hand them an absolute path
+        absolute = str(Path(cfg.train.init_from).expanduser().resolve())
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=absolute))
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     s = model_summary(cfg, data.vocab_size)
@@ -111,7 +136,8 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     if start is not None:
         print(f"resuming from {start}", flush=True)
     args = {"config": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "data": data.to_dict(),
-            "resume": str(start.resolve()) if start else None}  # fmt: skip
+            "resume": str(start.resolve()) if start else None,
+            "latest_at_launch": getattr(ckpt.latest_checkpoint(run_dir / "checkpoints"), "name", None)}  # fmt: skip
     t0 = time.perf_counter()
     launch.run_workers(cfg, args, address=address)
     wall = time.perf_counter() - t0

@@ -229,12 +229,19 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
 
     from scalesparse.model import GPT
 
+    checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
+    # After a worker-group restart (a worker died) the run's own `latest` has moved on since the driver
+    # launched us: continue from it. Otherwise start where the driver said (--resume, possibly older).
+    latest = ckpt.latest_checkpoint(checkpointer.root)
+    restarted = latest is not None and latest.name != args.get("latest_at_launch")
+    resume = latest if restarted else (Path(args["resume"]) if args.get("resume") else None)
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = GPT(cfg.model, data.vocab_size, cfg.moe)
+    if cfg.train.init_from and resume is None:
+        from scalesparse.export import load_weights
+
+        load_weights(model, Path(cfg.train.init_from))
     dst = DST(cfg, model) if cfg.sparsity.method != "none" else None
-    checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
-    # After a worker-group restart the run's own latest checkpoint is newer than --resume.
-    resume = ckpt.latest_checkpoint(checkpointer.root) or (Path(args["resume"]) if args.get("resume") else None)
     schedule = BatchSchedule(len(train_blocks), cfg.seed)
     if dst is not None and resume is None:
         first = schedule.global_batch(0, cfg.train.global_batch_size)
@@ -291,7 +298,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             tps = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
             norm = grad_norm(engine)
-            logger.log({"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tps,
+            logger.log({"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tps, "time": time.time(),
                         **({"grad_norm": norm} if norm is not None else {}), **moe_stats.collect()})  # fmt: skip
             if progress is not None:
                 progress.set_description(f"{cfg.name} loss {mean_loss:.3f} | {tps:,.0f} tok/s")

@@ -82,7 +82,10 @@ def check_init_from(cfg: Config, vocab: int) -> None:
     from scalesparse.export import read_exported_meta
 
     folder = Path(cfg.train.init_from).expanduser()
-    meta = read_exported_meta(folder)
+    try:
+        meta = read_exported_meta(folder)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from: {e}") from None
     sections = ["model"] + (["moe"] if cfg.model.mlp == "moe" else [])
     for section in sections:
         for key, value in cfg.to_dict()[section].items():

@@ -185,6 +185,20 @@ def test_export_reproduces_the_runs_validation_loss(runs, tmp_path, small_data):
     assert tok.decode(tok("Good night, sweet prince")["input_ids"]) == "Good night, sweet prince"
 
 
+def test_a_run_continues_on_another_worker_count_through_export_and_init_from(runs, tmp_path, small_data):
+    """The conversion the worker-count error message prescribes: export, then train.init_from."""
+    from scalesparse.export import export_checkpoint
+
+    source = runs.get(2)  # 2 workers, ZeRO-2
+    out = export_checkpoint(source, tmp_path / "export")
+    cfg = config_from_dict(tiny_config(small_data, tmp_path / "one-worker", parallel={"workers": 1, "zero_stage": 0},
+                                       train={"steps": 2, "init_from": str(out), "eval_every": 2}))  # fmt: skip
+    run_training(cfg)
+    val = losses(tmp_path / "one-worker", "val_loss")
+    assert val[0] == pytest.approx(losses(source, "val_loss")[6], abs=1e-5)  # same weights, same val set
+    assert math.isfinite(val[2])
+
+
 def test_driver_refuses_bad_resumes_before_any_worker_starts(runs, small_data, tmp_path):
     run_dir = runs.get(2)
     cfg = config_from_dict(tiny_config(small_data, run_dir))

@@ -1,4 +1,4 @@
-"""`scalesparse` command line: train, submit, export, prune, assets fetch, config show.
+"""`scalesparse` command line: train, submit, sweep, report, export, prune, assets fetch, config show.
 
 User errors (ScalesparseError) print as one line on stderr and exit 2; `--debug` shows tracebacks.
 """
@@ -40,6 +40,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)  # validated here, before anything is sent
     return submit_job(cfg, address=args.address, resume=args.resume, python=args.python, wait=not args.no_wait)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from scalesparse.report.html import write_report
+    from scalesparse.sweep import load_sweep, print_results, run_sweep
+
+    sweep = load_sweep(args.sweep)  # every run's config validated before anything starts
+    if args.dry_run:
+        for r in sweep.runs:
+            print(f"{r.run_id:<28} " + ", ".join(f"{k}={v}" for k, v in r.changes.items()) + f", seed={r.seed}")
+        print(f"{len(sweep.runs)} runs → {sweep.out}")
+        return 0
+    results = run_sweep(sweep, address=args.address)
+    print_results(results)
+    print(f"sweep {sweep.name}: {results['wall_s']:.0f} s; results {sweep.out / 'results.json'}; "
+          f"report {write_report(sweep.out)}")  # fmt: skip
+    return 1 if results["failed"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from scalesparse.report.html import write_report
+
+    print(write_report(args.folder))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -102,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default="python", help="the cluster's Python interpreter (default: python)")
     p.add_argument("--no-wait", action="store_true", help="submit and return without following the logs")
     p.set_defaults(fn=cmd_submit)
+
+    p = sub.add_parser("sweep", help="run a grid of configs over seeds as Ray tasks; aggregate mean ± std")
+    p.add_argument("sweep", help="sweep YAML (base config + grid + seeds), e.g. configs/sweeps/lm-90.yaml")
+    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the runs, run nothing")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("report", help="HTML page + PNGs for a sweep or run directory")
+    p.add_argument("folder", help="sweep directory (results.json) or run directory (metrics.jsonl)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("export", help="consolidate a sharded checkpoint into one safetensors model")
     p.add_argument("checkpoint", help="checkpoint folder, checkpoints root or run directory")

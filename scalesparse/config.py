@@ -616,7 +616,7 @@ def prune_config_from_dict(data: Mapping[str, Any]) -> PruneConfig:
 def load_prune_config(path: str | Path | None, overrides: list[str] | None = None) -> PruneConfig:
     data: dict[str, Any] = {}
     if path is not None:
-        data = _read_yaml(Path(path))
+        data = read_yaml_mapping(Path(path))
     raw = apply_overrides(_deep_copy(data), list(overrides or []))
     return _build(PruneConfig, raw)
 
@@ -665,10 +665,10 @@ def _deep_copy(d: Any) -> Any:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a YAML file (safe loader: no tags, no object construction) and validate it."""
-    return config_from_dict(_read_yaml(Path(path)), overrides)
+    return config_from_dict(read_yaml_mapping(Path(path)), overrides)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

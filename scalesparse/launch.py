@@ -221,3 +221,38 @@ def submit_job(cfg: Config, *, address: str | None, resume: str | None = None, p
         code = 0 if info.status == JobStatus.SUCCEEDED else 1
     print(f"job {job_id}: {info.status.value}, exit code {code}", flush=True)
     return int(code)
+
+
+def cluster_cpus(address: str | None = None) -> float:
+    init_ray(address, num_cpus=None if address else float(os.cpu_count() or 1))
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def run_tasks(fn: Callable[[Any], Any], items: list[Any], *, max_concurrent: int,
+              on_done: Callable[[Any, Any], None], address: str | None = None) -> None:  # fmt: skip
+    """Run `fn(item)` as Ray tasks, at most `max_concurrent` at a time; `on_done(item, result)` as each
+    finishes, in completion order. A task that raises yields {"error": one line}, never an exception.
+
+    The tasks take no CPU of their own: each one drives a Ray Train job whose workers reserve the
+    CPUs, so the cap (not Ray's scheduler) keeps concurrent jobs from waiting on each other.
+    """
+    init_ray(address, num_cpus=None if address else float(os.cpu_count() or 1))
+    import ray
+
+    remote = ray.remote(num_cpus=0, max_retries=0)(fn)
+    queue, pending = list(items), {}
+    while queue or pending:
+        while queue and len(pending) < max(1, max_concurrent):
+            item = queue.pop(0)
+            pending[remote.remote(item)] = item
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            item = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # the task's process died, or fn raised
+                text = str(e).strip().splitlines()
+                result = {"error": f"{type(e).__name__}: {text[-1] if text else ''}"}
+            on_done(item, result)

@@ -7,8 +7,10 @@ Order: run directory → resume target (verified against its manifest, shapes co
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -103,13 +105,31 @@ def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
     with torch.device("meta"):
         model = GPT(cfg.model, vocab, cfg.moe)
     flops = count_flops_per_token(cfg.model, vocab, model)
-    return {
+    out = {
         "params": model.num_params(),
         "params_active": active_params(model),
         "params_non_embedding": model.num_params(non_embedding=True),
         "flops_per_token_forward": flops["forward"],
         "flops_per_token_train": flops["train"],
     }
+    # Sparse training: the weights masked out at the target sparsity (the masks hit it to the weight)
+    # and the FLOPs a sparse kernel would skip: 2 per zeroed weight per token forward, 3× that in
+    # training. RigL also computes the dense gradient of masked layers once every update_interval.
+    # Theoretical: scalesparse multiplies masked dense weights, so measured speed does not change.
+    zeroed, extra = 0, 0
+    if cfg.sparsity.method != "none":
+        from scalesparse.sparsity.masks import select_layers
+
+        layers = select_layers(model, cfg.sparsity.include, cfg.sparsity.exclude)
+        masked = sum(m.weight.numel() for m in layers.values())
+        zeroed = round(cfg.sparsity.sparsity * masked)
+        if cfg.sparsity.method == "rigl":
+            extra = 2 * 2 * zeroed // max(1, cfg.sparsity.update_interval)
+    out["params_nonzero"] = out["params"] - zeroed
+    out["params_nonzero_non_embedding"] = out["params_non_embedding"] - zeroed
+    out["flops_per_token_inference_sparse"] = flops["forward"] - 2 * zeroed
+    out["flops_per_token_train_sparse"] = 3 * (flops["forward"] - 2 * zeroed) + extra
+    return out
 
 
 def run_training(cfg: Config, resume: str | None = None, address: str | None = None) -> dict[str, Any]:
@@ -148,12 +168,15 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     records = read_metrics(run_dir)
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "tokens_per_s" in r]
+    rates = [r["tokens_per_s"] for r in steps]
     summary = {
         "run_dir": str(run_dir),
         "wall_s": wall,
         "final_val_loss": evals[-1]["val_loss"] if evals else math.nan,
         "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in steps[1:]) / max(1, len(steps) - 1) if steps else math.nan,
+        # the first logged interval includes start-up: leave it out when there is another
+        "tokens_per_s": statistics.mean(rates[1:] or rates) if rates else math.nan,
+        "peak_mem_mb": max((r["peak_mem_mb"] for r in steps if "peak_mem_mb" in r), default=math.nan),
         **s,
     }
     try:
@@ -166,4 +189,5 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
                 summary[key] = str(out)
     except Exception as e:  # a plot must never fail a finished run
         print(f"warning: could not draw the loss curve ({e})")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -212,6 +212,15 @@ def evaluate(engine, blocks: TokenBlocks, n_blocks: int, micro: int) -> float:
     return float(total[0] / total[1])
 
 
+def peak_memory_mb() -> float:
+    """This process's peak: CUDA memory allocated by torch on a GPU, else the peak resident set size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None = None) -> None:
     """Entry point of one worker. `args`: config (dict), run_dir, data (PreparedData dict), resume."""
     cfg = config_from_dict(args["config"])
@@ -298,7 +307,9 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             tps = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
             norm = grad_norm(engine)
+            peak = {"peak_mem_mb": max(comm.all_gather_object(peak_memory_mb()))} if last else {}
             logger.log({"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tps, "time": time.time(),
+                        **peak,
                         **({"grad_norm": norm} if norm is not None else {}), **moe_stats.collect()})  # fmt: skip
             if progress is not None:
                 progress.set_description(f"{cfg.name} loss {mean_loss:.3f} | {tps:,.0f} tok/s")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from scalesparse.config import Config, config_from_dict, read_yaml_mapping
-from scalesparse.errors import ConfigError
+from scalesparse.errors import ConfigError, ScalesparseError
 
 SWEEP_KEYS = ("name", "base", "set", "grid", "points", "baselines", "seeds", "out", "max_concurrent")
 BASELINES = ("dense", "small_dense")
@@ -198,7 +198,6 @@ def small_dense_points(base: dict[str, Any], points: dict[str, dict[str, Any]]) 
 # ----------------------------------------------------------------------------- running
 def _run_one(config: dict[str, Any]) -> dict[str, Any]:
     """One sweep run, inside a Ray task. Resumes a run that was interrupted; errors come back as data."""
-    from scalesparse.errors import ScalesparseError
     from scalesparse.train import checkpoint as ckpt
     from scalesparse.train.driver import run_training
 
@@ -228,7 +227,10 @@ def run_sweep(sweep: Sweep, address: str | None = None) -> dict[str, Any]:
         print(f"warning: {len(sweep.seeds)} seed(s); a fair comparison wants at least {MIN_SEEDS}", flush=True)
     # tokenize once, here: concurrent runs would otherwise race to build the same cache
     for data in {json.dumps(r.config["data"], sort_keys=True) for r in todo}:
-        prepare_data(config_from_dict({"data": json.loads(data)}).data)
+        try:
+            prepare_data(config_from_dict({"data": json.loads(data)}).data)
+        except ScalesparseError:
+            pass  # the runs that use it fail on their own, reported like any other failure
 
     cpus = max(r.config["parallel"]["workers"] * r.config["resources"]["cpus_per_worker"] for r in todo) if todo else 1
     slots = sweep.max_concurrent or max(1, int(launch.cluster_cpus(address) // cpus)) if todo else 1

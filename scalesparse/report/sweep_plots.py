@@ -45,7 +45,8 @@ def loss_curves(results: dict[str, Any], out: Path) -> Path:
             steps, mean, std = _by_step(p["run_dirs"], key)
             if not steps:
                 continue
-            line = ax.plot(steps, mean, lw=1.2, label=f"{label} (n={p['val_loss']['n']})")[0]
+            line = ax.plot(steps, mean, "o-" if len(steps) < 20 else "-", ms=3, lw=1.2,
+                           label=f"{label} (n={p['val_loss']['n']})")[0]  # fmt: skip
             ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=line.get_color(), alpha=0.2, lw=0)  # fmt: skip
     for ax, title in ((a, "training loss (mean ± std over seeds)"), (b, "validation loss (mean ± std over seeds)")):

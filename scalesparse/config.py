@@ -119,7 +119,8 @@ class MoEConfig:
     """null = dropless (every token reaches all k experts). A number = Switch/GShard capacity
     ⌈factor·tokens·k/E⌉ per expert with padded batches; assignments over capacity are dropped."""
     expert_parallel: int = 1
-    """Ranks the experts are sharded over (all-to-all token exchange)."""
+    """Ranks the experts are sharded over (all-to-all token exchange): 1, or parallel.workers
+    (each worker then holds num_experts / workers experts of every MoE layer; ZeRO stage <= 2)."""
 
     def _checks(self) -> Iterator[Problem]:
         for name in ("num_experts", "top_k", "expert_parallel"):
@@ -359,9 +360,16 @@ class Config:
         if self.moe.backend == "megablocks" and self.resources.gpus_per_worker == 0:
             yield "moe.backend", "megablocks needs CUDA (resources.gpus_per_worker > 0); use grouped on CPU"
         if self.model.mlp == "moe" and self.moe.expert_parallel > 1:
-            # the all-to-all layer exists and is tested (model/moe/expert_parallel.py), but experts that
-            # differ per rank must stay out of DeepSpeed's data-parallel reduction: not wired in yet
-            yield "moe.expert_parallel", "expert-parallel training is not available in the trainer yet; use 1"
+            # One expert-parallel group spanning every worker (no replicated experts); the experts live
+            # outside DeepSpeed (train/experts.py), which ZeRO-3's parameter gathering cannot allow.
+            if self.moe.expert_parallel != self.parallel.workers:
+                yield "moe.expert_parallel", f"must be 1 or parallel.workers ({self.parallel.workers})"
+            if self.parallel.zero_stage == 3:
+                yield "moe.expert_parallel", "needs parallel.zero_stage <= 2 (experts are sharded already)"
+            if self.moe.capacity_factor is not None:
+                yield "moe.expert_parallel", "is dropless only; set moe.capacity_factor: null"
+            if self.moe.backend in ("loop", "megablocks"):
+                yield "moe.expert_parallel", f"runs the grouped kernels; moe.backend {self.moe.backend} cannot"
 
     # -- derived values ---------------------------------------------------------------------
     @property

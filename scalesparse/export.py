@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from scalesparse.config import ModelConfig, MoEConfig, config_from_dict
 from scalesparse.errors import CheckpointError
 from scalesparse.train import checkpoint as ckpt
+from scalesparse.train.experts import consolidate_experts
 
 META = "scalesparse.json"
 WEIGHTS = "model.safetensors"
@@ -33,8 +34,9 @@ def consolidate(folder: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{folder}: no model_rank*.safetensors shards")
     with safe_open(str(shards[0]), "pt") as f:
         meta = f.metadata() or {}
+    experts = consolidate_experts(folder)  # expert-parallel runs keep experts out of the model shards
     if meta.get("format") == "full":
-        return load_file(str(shards[0]))
+        return {**load_file(str(shards[0])), **experts}
     if meta.get("format") != "zero3":
         raise CheckpointError(f"{shards[0]}: unknown shard format {meta.get('format')!r}")
     world = int(meta["world"])
@@ -46,7 +48,7 @@ def consolidate(folder: Path) -> dict[str, torch.Tensor]:
     for name, shape in shapes.items():
         numel = math.prod(shape)
         out[name] = torch.cat([p[name] for p in parts])[:numel].view(shape).clone()
-    return out
+    return {**out, **experts}
 
 
 def llama_compatible(m: ModelConfig) -> bool:

@@ -22,6 +22,10 @@ def test_every_shipped_config_loads(path):
         from scalesparse.config import PruneConfig, load_prune_config
 
         assert isinstance(load_prune_config(path), PruneConfig)
+    elif path.parent.name == "sweeps":
+        from scalesparse.sweep import load_sweep
+
+        assert load_sweep(path).runs  # every run's config validated
     else:
         assert isinstance(load_config(path), Config)
 
@@ -57,7 +61,12 @@ def test_wrong_type_and_literal_values():
         ({"train": {"global_batch_size": 30, "micro_batch_size": 8}}, "train.global_batch_size: 30 is not allowed"),
         ({"train": {"dtype": "bf16"}}, "train.dtype: 'bf16' is not allowed; bf16 needs"),
         ({"model": {"mlp": "moe"}, "moe": {"top_k": 9}}, "moe.top_k: 9 is not allowed; must be <= moe.num_experts (8)"),
-        ({"model": {"mlp": "moe"}, "moe": {"expert_parallel": 2}}, "moe.expert_parallel: 2 is not allowed; expert-par"),
+        ({"model": {"mlp": "moe"}, "moe": {"expert_parallel": 4}, "parallel": {"workers": 2}},
+         "moe.expert_parallel: 4 is not allowed; must be 1 or parallel.workers (2)"),
+        ({"model": {"mlp": "moe"}, "moe": {"expert_parallel": 2}, "parallel": {"workers": 2, "zero_stage": 3}},
+         "moe.expert_parallel: 2 is not allowed; needs parallel.zero_stage <= 2"),
+        ({"model": {"mlp": "moe"}, "moe": {"expert_parallel": 2, "capacity_factor": 1.0}, "parallel": {"workers": 2}},
+         "moe.expert_parallel: 2 is not allowed; is dropless only"),
         ({"sparsity": {"sparsity": 1.0}}, "sparsity.sparsity: 1.0 is not allowed; must be in [0, 1)"),
         ({"sparsity": {"granularity": "nm", "n": 4, "m": 4}}, "sparsity.n: 4 is not allowed; must satisfy 0 < N < M"),
     ],

@@ -24,13 +24,18 @@ def select_accelerator(cfg: Config) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda(cfg) else "cpu")
 
 
+def expert_parallel(cfg: Config) -> bool:
+    return cfg.model.mlp == "moe" and cfg.moe.expert_parallel > 1
+
+
 def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     t = cfg.train
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * world),
-        "gradient_clipping": t.grad_clip,
+        # expert parallelism clips by the joint norm of DeepSpeed's and the experts' gradients itself
+        "gradient_clipping": 0.0 if expert_parallel(cfg) else t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": t.dtype == "bf16"},
         "fp16": {"enabled": False},
@@ -169,14 +174,10 @@ def sparse_views(engine, layers: dict[str, nn.Module], with_grads: bool) -> list
                 empty = torch.empty(0)
                 views.append(LayerView(name, shape, 0, empty, empty if with_grads else None, []))
                 continue
-            start, length = m.lp_fragment_address.start, m.lp_fragment_address.numel
+            start = m.lp_fragment_address.start
             weight = m.get_hp_fragment().view(-1)
             states = [m.get_hp_fragment(k).view(-1) for k in (m.optim_fragment or {}) if k in ("exp_avg", "exp_avg_sq")]
-            grad = None
-            if with_grads:
-                grad = m.get_lp_grad_fragment(p._index_in_param_group).view(-1)
-                if grad.numel() == numel and length != numel:
-                    grad = grad.narrow(0, start, length)
+            grad = _zero12_grad_fragment(p) if with_grads else None
         else:  # ZeRO-0: whole tensors, torch optimizer state
             start, weight = 0, p.data.view(-1)
             state = engine.optimizer.state.get(p, {}) if hasattr(engine.optimizer, "state") else {}
@@ -186,6 +187,28 @@ def sparse_views(engine, layers: dict[str, nn.Module], with_grads: bool) -> list
         views.append(LayerView(name, shape, start, weight.detach(), None if grad is None else grad.detach(),
                                [t.detach() for t in states]))  # fmt: skip
     return views
+
+
+def _zero12_grad_fragment(p: nn.Parameter) -> torch.Tensor:
+    """ZeRO-1/2: this rank's slice of p's reduced gradient (a live view), flattened."""
+    m = p._hp_mapping
+    start, length = m.lp_fragment_address.start, m.lp_fragment_address.numel
+    grad = m.get_lp_grad_fragment(p._index_in_param_group).view(-1)
+    if grad.numel() == p.numel() and length != p.numel():
+        grad = grad.narrow(0, start, length)
+    return grad
+
+
+def local_grads(engine) -> tuple[list[torch.Tensor], bool]:
+    """Live views of the reduced gradients this rank holds at the accumulation boundary (before
+    `engine.step()`), and whether every rank holds all of them (ZeRO-0) rather than a disjoint slice."""
+    stage = engine.zero_optimization_stage()
+    params = list(engine.module.parameters())
+    if stage == 0:
+        return [p.grad.detach() for p in params if p.grad is not None], True
+    if stage in (1, 2):
+        return [_zero12_grad_fragment(p).detach() for p in params if p._hp_mapping is not None], False
+    raise NotImplementedError("local_grads: ZeRO-3 is not supported")
 
 
 def _adam_keys(engine, p) -> list[str]:

@@ -25,6 +25,7 @@ from scalesparse.data import BatchSchedule, PreparedData, TokenBlocks, rank_slic
 from scalesparse.train import checkpoint as ckpt
 from scalesparse.train.engine import (
     build_engine,
+    expert_parallel,
     grad_norm,
     local_model_shard,
     lr_at,
@@ -32,6 +33,7 @@ from scalesparse.train.engine import (
     set_lr,
     sparse_views,
 )
+from scalesparse.train.experts import ExpertParallel
 from scalesparse.train.metrics import MetricsLogger
 
 
@@ -72,12 +74,15 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(checkpointer: ckpt.Checkpointer, engine, cfg: Config, state: TrainState,
-                    data: PreparedData, sparsity: DST | None = None) -> Path:  # fmt: skip
+                    data: PreparedData, sparsity: DST | None = None,
+                    experts: ExpertParallel | None = None) -> Path:  # fmt: skip
     rank = comm.rank()
 
     def write_shards(folder: Path) -> None:
         engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
         save_file(_rng_state(), str(folder / f"rng_rank{rank}.safetensors"))
+        if experts is not None:
+            experts.save(folder)
         shard = local_model_shard(engine)
         if shard is not None:
             save_file(shard[0], str(folder / f"model_rank{rank}.safetensors"), metadata=shard[1])
@@ -92,8 +97,11 @@ def save_checkpoint(checkpointer: ckpt.Checkpointer, engine, cfg: Config, state:
     return checkpointer.save(state.step, write_shards, meta)
 
 
-def load_checkpoint(engine, folder: Path, sparsity: DST | None = None) -> TrainState:
+def load_checkpoint(engine, folder: Path, sparsity: DST | None = None,
+                    experts: ExpertParallel | None = None) -> TrainState:  # fmt: skip
     meta = ckpt.read_state(folder)
+    if experts is not None:
+        experts.load(folder)
     if sparsity is not None:
         sparsity.sparsifier.load_state_dict(load_file(str(folder / "sparsity.safetensors")))
     load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True)
@@ -251,6 +259,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
 
         load_weights(model, Path(cfg.train.init_from))
     dst = DST(cfg, model) if cfg.sparsity.method != "none" else None
+    experts = ExpertParallel(model, cfg) if expert_parallel(cfg) else None  # before DeepSpeed sees the model
     schedule = BatchSchedule(len(train_blocks), cfg.seed)
     if dst is not None and resume is None:
         first = schedule.global_batch(0, cfg.train.global_batch_size)
@@ -261,7 +270,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
 
     state = TrainState()
     if resume is not None:
-        state = load_checkpoint(engine, resume, dst)
+        state = load_checkpoint(engine, resume, dst, experts)
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
 
@@ -285,6 +294,8 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
         step = state.step
         lr = lr_at(step, cfg.train)
         set_lr(engine, lr)
+        if experts is not None:
+            experts.set_lr(lr)
         batch = schedule.global_batch(state.samples_seen, cfg.train.global_batch_size)
         loss_sum = torch.zeros((), dtype=torch.float64)
         for m in range(ga):
@@ -293,6 +304,8 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             engine.backward(loss)
             if dst is not None and m == ga - 1:
                 dst.at_boundary(engine, step)
+            if experts is not None and m == ga - 1:
+                experts.step(engine)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
             loss_sum += loss.detach().double().cpu()
             moe_stats.accumulate()
@@ -306,7 +319,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             now = time.perf_counter()
             tps = tokens_since / (now - t_last)
             t_last, tokens_since = now, 0
-            norm = grad_norm(engine)
+            norm = experts.grad_norm if experts is not None else grad_norm(engine)
             peak = {"peak_mem_mb": max(comm.all_gather_object(peak_memory_mb()))} if last else {}
             logger.log({"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tps, "time": time.time(),
                         **peak,
@@ -320,7 +333,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
         if (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last:
             run_eval(state.step)
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
-            save_checkpoint(checkpointer, engine, cfg, state, data, dst)
+            save_checkpoint(checkpointer, engine, cfg, state, data, dst, experts)
     if progress is not None:
         progress.close()
     logger.close()

@@ -106,6 +106,45 @@ def test_moe_under_zero3_logs_expert_load_and_resumes_exactly(runs):
             assert r["expert_load"] == load_full[r["step"]]  # identical routing after resume
 
 
+MOE_EP = {"model": {"mlp": "moe"}, "moe": {"num_experts": 4, "top_k": 2, "expert_parallel": 2}}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_expert_parallel_training_equals_one_process_and_resumes_exactly(runs, stage, tmp_path):
+    """2 ranks × 2 experts each, tokens exchanged all-to-all, experts outside DeepSpeed with their own
+    AdamW and joint clipping == 1 process holding all 4 experts, step by step (grad_clip 1.0 bites)."""
+    reference = runs.get(0, workers=1, **MOE)
+    ep = runs.get(stage, **MOE_EP)
+    want, got = losses(reference), losses(ep)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], abs=1e-5), f"step {step}"
+    norms = {r["step"]: r["grad_norm"] for r in read_metrics(ep) if "grad_norm" in r}
+    assert max(norms.values()) > 1.0  # the joint clipping was active
+    ref_load = {r["step"]: r["expert_load"] for r in read_metrics(reference) if "expert_load" in r}
+    for r in read_metrics(ep):
+        if "expert_load" in r:
+            assert r["expert_load"] == ref_load[r["step"]]  # the same routing decisions
+
+    folder = ep / "checkpoints" / "step_00000006"
+    assert {"experts_rank0.safetensors", "experts_rank1.safetensors"} <= set(ckpt.verify(folder)["files"])
+    if stage == 2:
+        resumed = runs.get(stage, resume_from=3, **MOE_EP)
+        again = losses(resumed)
+        for step in (4, 5, 6):
+            assert again[step] == pytest.approx(got[step], abs=1e-6, rel=0), f"step {step}"
+
+    # export stitches the experts back: the exported model reproduces the reference's weights
+    from scalesparse.export import consolidate, export_checkpoint, load_exported
+
+    full = consolidate(folder)
+    ref_full = consolidate(reference / "checkpoints" / "step_00000006")
+    assert set(full) == set(ref_full)
+    for name in ref_full:
+        torch.testing.assert_close(full[name], ref_full[name], atol=1e-5, rtol=0, msg=name)
+    load_exported(export_checkpoint(ep, tmp_path / "export"))
+
+
 RIGL = {"sparsity": {"method": "rigl", "sparsity": 0.8, "update_interval": 2, "drop_fraction": 0.3}}
 
 

@@ -96,7 +96,7 @@ class GroupedMatmul(torch.autograd.Function):
         return gx, gw, None
 
 
-def _torch_gmm(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return GroupedMatmul.apply(x, w, counts.tolist())
 
 
@@ -116,7 +116,7 @@ def permuted_experts(x, weights, experts, ex: Experts, gmm) -> torch.Tensor:
 
 @BACKENDS.register("grouped")
 def grouped_backend(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ex: Experts) -> torch.Tensor:
-    return permuted_experts(x, weights, experts, ex, _torch_gmm)
+    return permuted_experts(x, weights, experts, ex, grouped_matmul)
 
 
 @functools.cache

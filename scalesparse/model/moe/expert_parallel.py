@@ -13,6 +13,7 @@ get, it equals the single-process gradient (tests/distributed/test_expert_parall
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from scalesparse import comm
 from scalesparse.model.moe.backends import Experts, permuted_experts
@@ -37,3 +38,29 @@ def expert_parallel_forward(x: torch.Tensor, routing: Routing, local: Experts, n
     back = comm.all_to_all(done, recv_l, send_l)  # (N·k, d), in the order sent
     out = back * routing.weights.reshape(-1)[order].unsqueeze(1)
     return torch.zeros_like(x).index_add_(0, token, out)
+
+
+def shard_experts(model: nn.Module, rank: int, world: int) -> dict[str, nn.Parameter]:
+    """Keep experts [rank·E/P, (rank+1)·E/P) of every MoE layer and switch the layers to all-to-all.
+
+    The local experts are deliberately *not* registered as submodules: whatever wraps the model
+    (DeepSpeed) must not see, reduce or partition them. Returns them by their full-model names
+    (e.g. layers.0.mlp.experts.gate_up_proj), holding this rank's slice along the expert dimension.
+    """
+    from scalesparse.model.moe.layer import MoEMLP
+
+    out: dict[str, nn.Parameter] = {}
+    for name, layer in model.named_modules():
+        if not isinstance(layer, MoEMLP):
+            continue
+        full: Experts = layer.experts
+        per = full.num_experts // world
+        local = Experts(per, full.down_proj.shape[1], full.d_ff, full.swiglu).to(full.down_proj.device)
+        with torch.no_grad():
+            for p_name in ("gate_up_proj", "down_proj"):
+                getattr(local, p_name).copy_(getattr(full, p_name)[rank * per : (rank + 1) * per])
+                out[f"{name}.experts.{p_name}"] = getattr(local, p_name)
+        del layer._modules["experts"]
+        object.__setattr__(layer, "experts", local)  # an attribute, not a submodule
+        layer.expert_parallel = world
+    return out

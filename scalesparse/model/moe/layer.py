@@ -15,7 +15,8 @@ from torch import nn
 
 from scalesparse.config import ModelConfig, MoEConfig
 from scalesparse.model.mlp import MLPS
-from scalesparse.model.moe.backends import BACKENDS, Experts, expert_hidden, resolve_backend
+from scalesparse.model.moe.backends import BACKENDS, Experts, expert_hidden, grouped_matmul, resolve_backend
+from scalesparse.model.moe.expert_parallel import expert_parallel_forward
 from scalesparse.model.moe.router import TopKRouter, load_balancing_loss, tokens_per_expert, z_loss
 
 
@@ -59,13 +60,17 @@ class MoEMLP(nn.Module):
         self.backend = BACKENDS.get(self.backend_name)
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
+        self.expert_parallel = 1  # set by expert_parallel.shard_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, d)
         routing = self.router(flat)
         E = self.moe.num_experts
-        if self.moe.capacity_factor is None:
+        if self.expert_parallel > 1:
+            y = expert_parallel_forward(flat, routing, self.experts, E, grouped_matmul)
+            dropped = torch.zeros(())
+        elif self.moe.capacity_factor is None:
             y = self.backend(flat, routing.weights, routing.experts, self.experts)
             dropped = torch.zeros(())
         else:

@@ -48,7 +48,11 @@ def real_model(args) -> list[dict]:
 
 
 def workers(args) -> dict:
-    """SparseGPT 50% on the real model with 1 and then 2 Ray workers (same calibration, same output)."""
+    """SparseGPT 50% on the real model with 1 and then 2 workers (same calibration, same output).
+
+    One core per worker in both cases (Ray gives each worker 1 CPU and 1 thread; the 1-worker run,
+    which prunes in-process, is pinned to 1 thread too): adding a worker adds a core, as on a cluster.
+    """
     from scalesparse import launch
     from scalesparse.assets import fetch_model
     from scalesparse.config import load_prune_config
@@ -58,14 +62,19 @@ def workers(args) -> dict:
     launch.init_ray(num_cpus=os.cpu_count())
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
+        threads = torch.get_num_threads()
         for n in args.workers:
+            torch.set_num_threads(1 if n == 1 else threads)
             t0 = time.perf_counter()
             r = run_prune(load_prune_config(None, [f"model={model}", "method=sparsegpt", "sparsity=0.5",
                                                    f"out={tmp}/w{n}", f"workers={n}", "eval.tokens=0"]),
                           progress=False)  # fmt: skip
-            rows[n] = {"prune_seconds": r["prune_seconds"], "wall_seconds": time.perf_counter() - t0}
-            print(f"{n} worker(s): pruning {r['prune_seconds']:.1f} s, wall {rows[n]['wall_seconds']:.1f} s",
+            rows[n] = {"prune_seconds": r["prune_seconds"], "wall_seconds": time.perf_counter() - t0,
+                       "threads_per_worker": 1, "rank0_phase_seconds": r["phase_seconds"]}
+            phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phase_seconds"].items())
+            print(f"{n} worker(s): pruning {r['prune_seconds']:.1f} s ({phases}), wall {rows[n]['wall_seconds']:.1f} s",
                   flush=True)
+        torch.set_num_threads(threads)
     launch.shutdown_ray()
     base = rows[args.workers[0]]
     for row in rows.values():

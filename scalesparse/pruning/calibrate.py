@@ -40,6 +40,14 @@ class LayerReport:
 class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds this worker spent per phase: calibrate (forward + statistics), reduce (all-reduce),
+    solve (its own solves), broadcast (waiting for and receiving the others'), propagate (pruned outputs)."""
+
+    def timed(self, phase: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - t0
+        return now
 
 
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]):
@@ -69,15 +77,41 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, tuple) else out
 
 
-def _recorder(pruner, xxt: torch.Tensor):
-    """Forward hook feeding a layer's inputs to its pruner, and to Σxxᵀ for the error report."""
+class Grams:
+    """Σxxᵀ (float64) per distinct layer input, for the error report and SparseGPT's Hessian.
 
-    def record(_module, args, _out):
-        x = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
-        xxt.add_(x.t() @ x)
-        pruner.add_batch(args[0].cpu())
+    q, k and v read the same tensor, as do gate and up: their Gram matrix, the walk's main cost
+    (n·d² per input), is computed, stored and all-reduced once. Which layers share an input is seen
+    on the first batch and is the same for every batch.
+    """
 
-    return record
+    def __init__(self) -> None:
+        self.group: dict[str, int] = {}
+        self.sums: list[torch.Tensor] = []
+        self._batch: dict[int, tuple[torch.Tensor, int]] = {}  # id(input) → (input, group), one forward
+
+    def hook(self, name: str, pruner):
+        def record(_module, args, _out):
+            x = args[0]
+            hit = self._batch.get(id(x))
+            if hit is None or hit[0] is not x:
+                if name not in self.group:
+                    self.group[name] = len(self.sums)
+                    self.sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
+                flat = x.reshape(-1, x.shape[-1]).double().cpu()
+                self.sums[self.group[name]] += flat.t() @ flat
+                self._batch[id(x)] = (x, self.group[name])
+            else:
+                self.group.setdefault(name, hit[1])
+            pruner.add_batch(x.cpu())
+
+        return record
+
+    def next_batch(self) -> None:
+        self._batch.clear()
+
+    def of(self, name: str) -> torch.Tensor:
+        return self.sums[self.group[name]]
 
 
 def relative_error(w0: torch.Tensor, w: torch.Tensor, xxt: torch.Tensor) -> float:
@@ -89,6 +123,17 @@ def relative_error(w0: torch.Tensor, w: torch.Tensor, xxt: torch.Tensor) -> floa
 def _write(layer: nn.Module, w: torch.Tensor) -> None:
     with torch.no_grad():
         weight_matrix(layer).copy_(w.to(layer.weight.dtype))
+
+
+def assign_owners(costs: dict[str, float], workers: int) -> dict[str, int]:
+    """Longest job first onto the least-loaded worker (the same answer on every rank: no ties left to chance)."""
+    load = [0.0] * workers
+    owners = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        w = min(range(workers), key=lambda r: (load[r], r))
+        owners[name] = w
+        load[w] += costs[name]
+    return owners
 
 
 @torch.no_grad()
@@ -111,29 +156,59 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
         layers = {n: m for n, m in linear_layers(block).items()
                   if any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in include)
                   and not any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in exclude)}  # fmt: skip
-        pruners = {n: cls(m, **(pruner_args or {})) for n, m in layers.items()}
-        xxt = {n: torch.zeros(p.columns, p.columns, dtype=torch.float64) for n, p in pruners.items()}
+        pruners = {n: cls(m, **(pruner_args or {}), external_gram=True) for n, m in layers.items()}
+        grams = Grams()
 
-        handles = [m.register_forward_hook(_recorder(pruners[n], xxt[n])) for n, m in layers.items()]
+        t = time.perf_counter()
+        handles = [m.register_forward_hook(grams.hook(n, pruners[n])) for n, m in layers.items()]
         for h in hidden:
+            grams.next_batch()
             _run_block(block, h.to(device), kwargs)
+        grams.next_batch()
         for handle in handles:
             handle.remove()
-        for n, p in pruners.items():  # statistics are sums: add up every worker's share
-            for t in [*p.stats(), xxt[n]]:
-                comm.all_reduce_sum(t)
-        for j, (n, m) in enumerate(sorted(layers.items())):
-            t0 = time.perf_counter()
-            w0 = weight_matrix(m).detach().float().cpu().clone()
-            owner = j % comm.world_size()  # independent solves spread over workers
-            w = pruners[n].prune(sparsity, nm)[1] if comm.rank() == owner else torch.empty_like(w0)
-            w = comm.broadcast_tensor(w, owner)
-            _write(m, w)
-            report.layers.append(LayerReport(f"{prefix}.{i}.{n}", tuple(w0.shape), float((w == 0).float().mean()),
-                                             relative_error(w0, w, xxt[n]), time.perf_counter() - t0))  # fmt: skip
+        t = report.timed("calibrate", t)
+        for stat in [*grams.sums, *(s for p in pruners.values() for s in p.stats())]:
+            comm.all_reduce_sum(stat)  # statistics are sums: add up every worker's share
+        for n, p in pruners.items():
+            if getattr(p, "external_gram", False):
+                p.xxt = grams.of(n)
+        t = report.timed("reduce", t)
+        xxt = {n: grams.of(n) for n in layers}
+        entries, t = _solve(layers, pruners, xxt, sparsity, nm, report, t)
+        report.layers += [LayerReport(f"{prefix}.{i}.{n}", *entries[n]) for n in sorted(entries)]
         hidden = [_run_block(block, h.to(device), kwargs).to(h.device) for h in hidden]  # pruned outputs feed on
+        report.timed("propagate", t)
         block.to(home)
         bar.update(1)
     bar.close()
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _solve(layers, pruners, xxt, sparsity, nm, report: PruneReport, t: float):
+    """Prune every layer of a block with the workers sharing the work; every worker ends with all the
+    results. Each layer goes whole to one worker (longest first onto the least loaded); every worker
+    runs all of its own solves before the results are broadcast, so the solves overlap instead of
+    taking turns. (Splitting SparseGPT's largest layer by rows was tried: on CPU its per-column loop
+    is overhead-bound and the split gained nothing; see the closing notes of the pruning issue.)"""
+    rank = comm.rank()
+    costs = {n: p.rows * p.columns**2 + p.columns**3 for n, p in pruners.items()}
+    owners = assign_owners(costs, comm.world_size())
+    solved = {}
+    for n in sorted(owners):
+        if owners[n] == rank:
+            t0 = time.perf_counter()
+            w0 = weight_matrix(layers[n]).detach().float().cpu().clone()
+            w = pruners[n].prune(sparsity, nm)[1]
+            info = [relative_error(w0, w, xxt[n]), time.perf_counter() - t0]
+            solved[n] = (w, torch.tensor(info, dtype=torch.float64))
+    t = report.timed("solve", t)
+    entries = {}
+    for n in sorted(owners):
+        shape = tuple(weight_matrix(layers[n]).shape)
+        w, info = solved.get(n, (torch.empty(shape), torch.empty(2, dtype=torch.float64)))
+        w, info = comm.broadcast_tensor(w, owners[n]), comm.broadcast_tensor(info, owners[n])
+        _write(layers[n], w)
+        entries[n] = (shape, float((w == 0).float().mean()), float(info[0]), float(info[1]))
+    return entries, report.timed("broadcast", t)

@@ -105,7 +105,7 @@ def _prune(cfg: PruneConfig, progress: bool) -> dict:
         "pruned_fraction_of_pruned_layers": pruned / max(1, total),
         "calibration": {**asdict(cfg.calibration), "tokens": cfg.calibration.samples * cfg.calibration.seq_len},
         "eval": {**asdict(e), **({k: before[k] for k in ("tokens_scored",)} if before else {})},
-        "prune_seconds": report.seconds, "wall_seconds": time.perf_counter() - t0,
+        "prune_seconds": report.seconds, "wall_seconds": time.perf_counter() - t0, "phase_seconds": report.phases,
         "layers": [asdict(r) for r in report.layers],
     }  # fmt: skip
     (out / "report.json").write_text(json.dumps(result, indent=1))

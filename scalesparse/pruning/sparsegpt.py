@@ -15,18 +15,22 @@ from scalesparse.pruning.base import PRUNERS, Pruner, weight_matrix
 
 @PRUNERS.register("sparsegpt")
 class SparseGPT(Pruner):
-    def __init__(self, layer, blocksize: int = 128, damp: float = 0.01, **options):
+    def __init__(self, layer, blocksize: int = 128, damp: float = 0.01, external_gram: bool = False, **options):
+        """external_gram: the caller accumulates Σxxᵀ (shared by layers that read the same input, as the
+        calibration walk does) and sets `self.xxt` before `prune`; add_batch then only counts tokens."""
         super().__init__(layer)
-        self.blocksize, self.damp = blocksize, damp
-        self.xxt = torch.zeros(self.columns, self.columns, dtype=torch.float64)  # Σ x xᵀ
+        self.blocksize, self.damp, self.external_gram = blocksize, damp, external_gram
+        self.xxt = None if external_gram else torch.zeros(self.columns, self.columns, dtype=torch.float64)  # Σ x xᵀ
 
     def add_batch(self, inp):
-        x = inp.reshape(-1, inp.shape[-1]).double()
-        self.xxt += x.t() @ x
+        x = inp.reshape(-1, inp.shape[-1])
+        if not self.external_gram:
+            x = x.double()
+            self.xxt += x.t() @ x
         self.nsamples += x.shape[0]
 
     def stats(self):
-        return [self.nsamples, self.xxt]
+        return [self.nsamples] + ([] if self.external_gram else [self.xxt])
 
     def _inverse_hessian_factor(self, w: torch.Tensor) -> torch.Tensor:
         H = (2.0 * self.xxt / max(1.0, float(self.nsamples))).float()

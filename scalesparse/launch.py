@@ -74,6 +74,15 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     )
 
 
+def _connect(address: str | None, cpus_needed: float = 0.0) -> None:
+    """Join `address`, or start a local Ray with logical CPUs for the work (at least the machine's)."""
+    init_ray(address, num_cpus=None if address else max(float(os.cpu_count() or 1), cpus_needed))
+
+
+def _unique(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
 def shutdown_ray() -> None:
     import ray
 
@@ -131,7 +140,7 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
     from ray.train.torch import TorchConfig, TorchTrainer
 
     # Logical CPUs: 2 workers × 1 CPU must fit on a 2-core laptop next to the driver.
-    init_ray(address, num_cpus=None if address else max(float(os.cpu_count() or 1), workers * cpus_per_worker))
+    _connect(address, workers * cpus_per_worker)
     gpu = gpus_per_worker > 0
     backend = backend if backend != "auto" else ("nccl" if gpu else "gloo")
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}
@@ -142,7 +151,7 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
                                      placement_strategy=placement),  # fmt: skip
         run_config=RunConfig(
-            name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            name=_unique(name),
             storage_path=str(Path(storage).resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
@@ -195,7 +204,7 @@ def submit_job(cfg: Config, *, address: str | None, resume: str | None = None, p
         (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
         job_id = client.submit_job(
             entrypoint=shlex.join(entry),
-            submission_id=f"scalesparse-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+            submission_id=_unique(f"scalesparse-{cfg.name}"),
             runtime_env={"working_dir": tmp, "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
         )
     print(f"submitted job {job_id} to {address}", flush=True)
@@ -224,7 +233,7 @@ def submit_job(cfg: Config, *, address: str | None, resume: str | None = None, p
 
 
 def cluster_cpus(address: str | None = None) -> float:
-    init_ray(address, num_cpus=None if address else float(os.cpu_count() or 1))
+    _connect(address)
     import ray
 
     return float(ray.cluster_resources().get("CPU", 1.0))
@@ -238,7 +247,7 @@ def run_tasks(fn: Callable[[Any], Any], items: list[Any], *, max_concurrent: int
     The tasks take no CPU of their own: each one drives a Ray Train job whose workers reserve the
     CPUs, so the cap (not Ray's scheduler) keeps concurrent jobs from waiting on each other.
     """
-    init_ray(address, num_cpus=None if address else float(os.cpu_count() or 1))
+    _connect(address)
     import ray
 
     remote = ray.remote(num_cpus=0, max_retries=0)(fn)

@@ -48,6 +48,10 @@ class Run:
     def run_id(self) -> str:
         return f"{self.point}-seed{self.seed}"
 
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config["run_dir"])
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -196,12 +200,12 @@ def small_dense_points(base: dict[str, Any], points: dict[str, dict[str, Any]]) 
 
 
 # ----------------------------------------------------------------------------- running
-def _run_one(config: dict[str, Any]) -> dict[str, Any]:
+def _run_one(run: Run) -> dict[str, Any]:
     """One sweep run, inside a Ray task. Resumes a run that was interrupted; errors come back as data."""
     from scalesparse.train import checkpoint as ckpt
     from scalesparse.train.driver import run_training
 
-    cfg = config_from_dict(config)
+    cfg = config_from_dict(run.config)
     resume = "auto" if ckpt.complete_checkpoints(cfg.run_path / "checkpoints") else None
     try:
         return run_training(cfg, resume=resume)
@@ -221,7 +225,7 @@ def run_sweep(sweep: Sweep, address: str | None = None) -> dict[str, Any]:
     for r in sweep.runs:
         print(f"{r.run_id:<28} differs from the base in: "
               + (", ".join(f"{k}={v}" for k, v in r.changes.items()) or "nothing") + f", seed={r.seed}")
-    todo = [r for r in sweep.runs if not (run_dir(sweep, r) / "summary.json").is_file()]
+    todo = [r for r in sweep.runs if not (r.run_dir / "summary.json").is_file()]
     print(f"{len(sweep.runs)} runs: {len(sweep.runs) - len(todo)} already done, {len(todo)} to run", flush=True)
     if len(sweep.seeds) < MIN_SEEDS:
         print(f"warning: {len(sweep.seeds)} seed(s); a fair comparison wants at least {MIN_SEEDS}", flush=True)
@@ -235,11 +239,9 @@ def run_sweep(sweep: Sweep, address: str | None = None) -> dict[str, Any]:
     cpus = max(r.config["parallel"]["workers"] * r.config["resources"]["cpus_per_worker"] for r in todo) if todo else 1
     slots = sweep.max_concurrent or max(1, int(launch.cluster_cpus(address) // cpus)) if todo else 1
     t0 = time.perf_counter()
-    by_config = {json.dumps(r.config, sort_keys=True): r for r in todo}
 
-    def done(config: dict[str, Any], result: dict[str, Any]) -> None:
-        r = by_config[json.dumps(config, sort_keys=True)]
-        folder = run_dir(sweep, r)
+    def done(r: Run, result: dict[str, Any]) -> None:
+        folder = r.run_dir
         folder.mkdir(parents=True, exist_ok=True)
         if "error" in result:
             (folder / "error.txt").write_text(result["error"] + "\n")
@@ -252,15 +254,11 @@ def run_sweep(sweep: Sweep, address: str | None = None) -> dict[str, Any]:
 
     if todo:
         print(f"running {len(todo)} runs, {slots} at a time", flush=True)
-        launch.run_tasks(_run_one, [r.config for r in todo], max_concurrent=slots, on_done=done, address=address)
+        launch.run_tasks(_run_one, todo, max_concurrent=slots, on_done=done, address=address)
     results = aggregate(sweep)
     results["wall_s"] = time.perf_counter() - t0
     (sweep.out / "results.json").write_text(json.dumps(results, indent=1))
     return results
-
-
-def run_dir(sweep: Sweep, r: Run) -> Path:
-    return Path(r.config["run_dir"])
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -302,7 +300,7 @@ def aggregate(sweep: Sweep) -> dict[str, Any]:
         runs = [r for r in sweep.runs if r.point == label]
         summaries = []
         for r in runs:
-            folder = run_dir(sweep, r)
+            folder = r.run_dir
             if (folder / "summary.json").is_file():
                 summaries.append({"seed": r.seed, **json.loads((folder / "summary.json").read_text())})
             elif (folder / "error.txt").is_file():

@@ -57,17 +57,23 @@ def resolve_resume(cfg: Config, resume: str | None, run_dir: Path, vocab: int) -
     return found
 
 
+def shape_mismatch(saved: dict[str, Any], cfg: Config, sections: list[str]) -> str | None:
+    """The first `section.key` where a saved config differs from ours, as 'key = X there, Y here'."""
+    ours = cfg.to_dict()
+    for section in sections:
+        there = saved.get(section, {})
+        for key, want in ours[section].items():
+            if there.get(key) != want:
+                return f"{section}.{key} = {there.get(key)!r} there, {want!r} here"
+    return None
+
+
 def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path) -> None:
     sections = ["model"] + (["moe"] if cfg.model.mlp == "moe" else []) + (
         ["sparsity"] if cfg.sparsity.method != "none" or "sparsity" in state["config"] else [])
-    for section in sections:
-        saved = state["config"].get(section, {})
-        for key, want in cfg.to_dict()[section].items():
-            if saved.get(key) != want:
-                raise CheckpointError(
-                    f"{where}: written for another model shape ({section}.{key} = {saved.get(key)!r} there, "
-                    f"{want!r} here)"
-                )
+    mismatch = shape_mismatch(state["config"], cfg, sections)
+    if mismatch:
+        raise CheckpointError(f"{where}: written for another model shape ({mismatch})")
     if state["vocab_size"] != vocab:
         raise CheckpointError(f"{where}: vocabulary of {state['vocab_size']} tokens, the data has {vocab}")
     if state["world_size"] != cfg.parallel.workers or state["zero_stage"] != cfg.parallel.zero_stage:
@@ -88,12 +94,9 @@ def check_init_from(cfg: Config, vocab: int) -> None:
         meta = read_exported_meta(folder)
     except CheckpointError as e:
         raise ConfigError(f"train.init_from: {e}") from None
-    sections = ["model"] + (["moe"] if cfg.model.mlp == "moe" else [])
-    for section in sections:
-        for key, value in cfg.to_dict()[section].items():
-            if meta.get(section, {}).get(key) != value:
-                raise ConfigError(f"train.init_from: {folder} is another model shape ({section}.{key} = "
-                                  f"{meta.get(section, {}).get(key)!r} there, {value!r} here)")  # fmt: skip
+    mismatch = shape_mismatch(meta, cfg, ["model"] + (["moe"] if cfg.model.mlp == "moe" else []))
+    if mismatch:
+        raise ConfigError(f"train.init_from: {folder} is another model shape ({mismatch})")
     if meta["vocab_size"] != vocab:
         raise ConfigError(f"train.init_from: {folder} has a vocabulary of {meta['vocab_size']} tokens, "
                           f"the data {vocab}")

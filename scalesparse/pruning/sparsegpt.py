@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from scalesparse.pruning.base import PRUNERS, Pruner, weight_matrix
+from scalesparse.sparsity.masks import smallest
 
 
 @PRUNERS.register("sparsegpt")
@@ -25,8 +26,8 @@ class SparseGPT(Pruner):
     def add_batch(self, inp):
         x = inp.reshape(-1, inp.shape[-1])
         if not self.external_gram:
-            x = x.double()
-            self.xxt += x.t() @ x
+            x = x.float()
+            self.xxt += (x.t() @ x).double()  # as the calibration walk's Grams: fp32 product, fp64 sum
         self.nsamples += x.shape[0]
 
     def stats(self):
@@ -42,37 +43,35 @@ class SparseGPT(Pruner):
         return torch.linalg.cholesky(Hinv, upper=True)
 
     def prune(self, sparsity, nm=None):
-        W = weight_matrix(self.layer).detach().float().contiguous().clone()  # Conv1D views are transposed
-        Hinv = self._inverse_hessian_factor(W)
-        rows, cols = W.shape
-        keep = torch.ones_like(W, dtype=torch.bool)
+        # Work on Wᵀ: a column of W is then a contiguous row, and the sequential per-column loop (the
+        # cost on CPU, where it is bound by per-op overhead) is two fused ops on contiguous memory.
+        Wt = weight_matrix(self.layer).detach().float().t().contiguous()  # (in, out); Conv1D views are transposed
+        Hinv = self._inverse_hessian_factor(Wt.t())
+        cols, rows = Wt.shape
+        pruned = torch.zeros_like(Wt, dtype=torch.bool)
         pruned_before = 0
         for i1 in range(0, cols, self.blocksize):
             i2 = min(i1 + self.blocksize, cols)
-            W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
-            d = torch.diag(Hinv1)
-            prune1 = torch.zeros_like(W1, dtype=torch.bool)
+            W1, U, P = Wt[i1:i2], Hinv[i1:i2, i1:i2], pruned[i1:i2]  # views: updated in place
+            d = torch.diag(U).unsqueeze(1)
             if nm is None:
                 # exactly round(s · rows · i2) pruned up to this block: per-layer sparsity is exact
                 target = round(sparsity * rows * i2)
-                n_block = target - pruned_before
+                scores = (W1.pow(2) / d.pow(2)).t().flatten()  # row-major over W's (out, in) block: ties as before
+                P.copy_(smallest(scores, target - pruned_before).view(rows, i2 - i1).t())
                 pruned_before = target
-                scores = (W1.pow(2) / d.pow(2).unsqueeze(0)).flatten()
-                prune1.view(-1)[torch.sort(scores, stable=True).indices[:n_block]] = True
-            err1 = torch.zeros_like(W1)
+                scale = P / d  # err = w · [pruned] / [H⁻¹]_jj
+            else:
+                scale = torch.empty_like(W1)
+            err = torch.empty_like(W1)
             for i in range(i2 - i1):
                 if nm is not None and i % nm[1] == 0:
-                    n, m = nm
-                    scores = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2).unsqueeze(0)
-                    low = torch.sort(scores, dim=1, stable=True).indices[:, : m - n]
-                    prune1[:, i : i + m].scatter_(1, low, True)
-                w = W1[:, i]
-                q = torch.where(prune1[:, i], torch.zeros_like(w), w)
-                err = (w - q) / d[i]
-                W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-                W1[:, i] = q
-                err1[:, i] = err
-            W[:, i1:i2] = W1
-            keep[:, i1:i2] = ~prune1
-            W[:, i2:] -= err1 @ Hinv[i1:i2, i2:]
-        return keep, torch.where(keep, W, torch.zeros_like(W))
+                    n, m = nm  # the group's mask is chosen from the weights as updated so far
+                    low = torch.sort(W1[i : i + m].pow(2) / d[i : i + m].pow(2), dim=0, stable=True).indices[: m - n]
+                    P[i : i + m].scatter_(0, low, True)
+                    torch.div(P[i : i + m], d[i : i + m], out=scale[i : i + m])
+                torch.mul(W1[i], scale[i], out=err[i])
+                W1[i + 1 :].addr_(U[i, i + 1 :], err[i], alpha=-1)  # push the error onto the later columns
+            W1.masked_fill_(P, 0.0)
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), err, alpha=-1)  # the block's error, lazily, on the rest
+        return ~pruned.t(), Wt.t().contiguous()

@@ -35,13 +35,21 @@ def select_layers(model: nn.Module, include: tuple[str, ...], exclude: tuple[str
     return chosen
 
 
+def smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k smallest entries of a 1-D tensor, ties → lower index (a stable sort's order),
+    found with one k-th value and a pass instead of a sort (sorting was most of SparseGPT's time)."""
+    if k <= 0 or k >= flat.numel():
+        return torch.full((flat.numel(),), k > 0, dtype=torch.bool)
+    kth = flat.kthvalue(k).values
+    mask = flat < kth
+    ties = (flat == kth).nonzero().flatten()
+    mask[ties[: k - int(mask.sum())]] = True
+    return mask
+
+
 def topk_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Unstructured: the `keep` highest scores (ties → lower flat index)."""
-    flat = scores.reshape(-1)
-    order = torch.sort(flat, descending=True, stable=True).indices
-    mask = torch.zeros(flat.numel(), dtype=torch.bool)
-    mask[order[:keep]] = True
-    return mask.view_as(scores)
+    return smallest(-scores.reshape(-1), keep).view_as(scores)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -6,7 +6,16 @@ from scalesparse.config import ModelConfig
 from scalesparse.errors import ConfigError
 from scalesparse.model import GPT
 from scalesparse.sparsity.distribution import keep_counts
-from scalesparse.sparsity.masks import block_mask, mask_hash, nm_mask, pack, select_layers, topk_mask, unpack
+from scalesparse.sparsity.masks import (
+    block_mask,
+    mask_hash,
+    nm_mask,
+    pack,
+    select_layers,
+    smallest,
+    topk_mask,
+    unpack,
+)
 
 SHAPES = {"a": (64, 64), "b": (256, 64), "c": (64, 256), "tiny": (4, 8)}
 
@@ -78,3 +87,13 @@ def test_global_select_equals_a_sort_with_lowest_index_tie_break(seed):
     assert got.tolist() == ref
     with pytest.raises(ValueError, match="only"):
         comm.global_select([comm.float_keys(scores)], [valid], [0], [int(valid.sum()) + 1])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_smallest_selects_what_a_stable_sort_selects_ties_included(seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 5, (257,), generator=g).float()  # few distinct values: ties everywhere
+    for k in (0, 1, 50, 128, 256, 257):
+        want = torch.zeros(257, dtype=torch.bool)
+        want[torch.sort(x, stable=True).indices[:k]] = True
+        assert torch.equal(smallest(x, k), want), k

@@ -98,8 +98,10 @@ class Grams:
                 if name not in self.group:
                     self.group[name] = len(self.sums)
                     self.sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
-                flat = x.reshape(-1, x.shape[-1]).double().cpu()
-                self.sums[self.group[name]] += flat.t() @ flat
+                # one batch's product in fp32 (as SparseGPT's reference code does; fp64 was most of the
+                # walk's time), summed over batches and workers in fp64 so the order of the sum barely matters
+                flat = x.reshape(-1, x.shape[-1]).float().cpu()
+                self.sums[self.group[name]] += (flat.t() @ flat).double()
                 self._batch[id(x)] = (x, self.group[name])
             else:
                 self.group.setdefault(name, hit[1])
@@ -115,9 +117,10 @@ class Grams:
 
 
 def relative_error(w0: torch.Tensor, w: torch.Tensor, xxt: torch.Tensor) -> float:
-    """‖(W₀ − W)X‖² / ‖W₀X‖² from Σxxᵀ, without keeping the inputs: tr(D Σxxᵀ Dᵀ) / tr(W₀ Σxxᵀ W₀ᵀ)."""
-    d, w0 = (w0 - w).double(), w0.double()
-    return float(((d @ xxt) * d).sum() / ((w0 @ xxt) * w0).sum().clamp_min(1e-30))
+    """‖(W₀ − W)X‖² / ‖W₀X‖² from Σxxᵀ, without keeping the inputs: tr(D Σxxᵀ Dᵀ) / tr(W₀ Σxxᵀ W₀ᵀ).
+    In fp32: a reported figure, and in fp64 these two products cost as much as the solve itself."""
+    d, w0, xxt = (w0 - w).float(), w0.float(), xxt.float()
+    return float(((d @ xxt) * d).sum(dtype=torch.float64) / ((w0 @ xxt) * w0).sum(dtype=torch.float64).clamp_min(1e-30))
 
 
 def _write(layer: nn.Module, w: torch.Tensor) -> None:
@@ -149,6 +152,7 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
     hidden, kwargs = capture_block_inputs(model, blocks, batches)
     kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
     report = PruneReport()
+    measured: dict[str, float] = {}  # seconds per layer name in the previous block: the next block's costs
     bar = tqdm(total=len(blocks), desc=f"{method} {sparsity:.0%}", disable=not progress or comm.rank() != 0)
     for i, block in enumerate(blocks):
         home = next(block.parameters()).device
@@ -175,7 +179,8 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
                 p.xxt = grams.of(n)
         t = report.timed("reduce", t)
         xxt = {n: grams.of(n) for n in layers}
-        entries, t = _solve(layers, pruners, xxt, sparsity, nm, report, t)
+        entries, t = _solve(layers, pruners, xxt, sparsity, nm, report, t, measured)
+        measured = {n: e[3] for n, e in entries.items()}  # the same on every rank: the times were broadcast
         report.layers += [LayerReport(f"{prefix}.{i}.{n}", *entries[n]) for n in sorted(entries)]
         hidden = [_run_block(block, h.to(device), kwargs).to(h.device) for h in hidden]  # pruned outputs feed on
         report.timed("propagate", t)
@@ -186,14 +191,19 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
     return report
 
 
-def _solve(layers, pruners, xxt, sparsity, nm, report: PruneReport, t: float):
+def _solve(layers, pruners, xxt, sparsity, nm, report: PruneReport, t: float, measured: dict[str, float]):
     """Prune every layer of a block with the workers sharing the work; every worker ends with all the
     results. Each layer goes whole to one worker (longest first onto the least loaded); every worker
     runs all of its own solves before the results are broadcast, so the solves overlap instead of
-    taking turns. (Splitting SparseGPT's largest layer by rows was tried: on CPU its per-column loop
-    is overhead-bound and the split gained nothing; see the closing notes of the pruning issue.)"""
+    taking turns. Costs are the same layers' measured seconds in the previous block (blocks are alike,
+    and no formula knows the per-column overheads of every device); the first block uses the flop count.
+    (Splitting SparseGPT's largest layer by rows was tried and gained nothing: the d³ factorisation
+    is not split by rows, and the per-column loop is overhead-bound on CPU.)"""
     rank = comm.rank()
-    costs = {n: p.rows * p.columns**2 + p.columns**3 for n, p in pruners.items()}
+    if set(measured) >= set(pruners):
+        costs = {n: measured[n] for n in pruners}
+    else:
+        costs = {n: p.rows * p.columns**2 + p.columns**3 for n, p in pruners.items()}
     owners = assign_owners(costs, comm.world_size())
     solved = {}
     for n in sorted(owners):

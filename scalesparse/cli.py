@@ -79,12 +79,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from scalesparse.pruning.job import run_prune
 
     short = {"model": args.model, "method": args.method, "sparsity": args.sparsity, "pattern": args.pattern,
-             "out": args.out, "gguf_file": args.gguf_file}  # fmt: skip
+             "out": args.out, "gguf_file": args.gguf_file, "workers": args.workers}  # fmt: skip
     overrides = [f"{k}={v}" for k, v in short.items() if v is not None] + args.overrides
     if args.allow_pickle:
         overrides.append("allow_pickle=true")
     cfg = load_prune_config(args.config, overrides)
-    r = run_prune(cfg)
+    r = run_prune(cfg, address=args.address)
     ppl = (f"perplexity {r['ppl_before']:.2f} → {r['ppl_after']:.2f}" if r["ppl_before"] is not None
            else "no evaluation")  # fmt: skip
     print(f"{cfg.method} {cfg.pattern or 'unstructured'} {cfg.sparsity:.0%}: {ppl}; "
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", help="N:M structure, e.g. 2:4")
     p.add_argument("--out", help="output folder (must be new or empty)")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (trusted files only)")
+    p.add_argument("--workers", type=int, help="Ray workers sharing calibration and solves (default 1: this process)")
+    p.add_argument("--address", help="Ray cluster to join when workers > 1 (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     p.set_defaults(fn=cmd_prune)
 

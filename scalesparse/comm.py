@@ -12,6 +12,16 @@ import torch
 import torch.distributed as dist
 
 
+def init_group(backend: str, rank: int, world: int, address: str, port: int) -> None:
+    """Join a process group rendezvousing at rank 0's address:port (launchers that are not Ray Train)."""
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
+
+
+def close_group() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 

@@ -585,6 +585,8 @@ class PruneConfig:
     """Output folder: the pruned model (save_pretrained, safetensors) and report.json / report.md."""
     workers: int = 1
     """Ray workers sharing calibration and the per-layer solves."""
+    cpus_per_worker: float = 1.0
+    """CPUs each worker reserves (and its torch thread count) when workers > 1."""
     device: str = "cpu"
     """Where the block being pruned is materialised (cpu or cuda); the rest of the model stays on CPU."""
     allow_pickle: bool = False
@@ -595,6 +597,7 @@ class PruneConfig:
             yield "model", "is required: a folder with a transformers causal LM"
         yield from _in_unit(self, "sparsity")
         yield from _positive(self, "workers")
+        yield from _positive(self, "cpus_per_worker")
         yield from _positive(self, "blocksize")
         yield from _in_unit(self, "damp", closed_low=False)
         if self.pattern is not None:

@@ -115,6 +115,11 @@ CASES = {
                               "is a pickle, which can run code"),  # fmt: skip
     "prune: out not empty": (lambda c: ["prune", "--model", c.model_folder({"config.json": "{}", "m.safetensors": ""}),
                                         "--out", c.config()], "exists and is not an empty folder"),
+    "prune: no Ray there": (lambda c: ["prune", "--model", c.model_folder({"config.json": "{}", "a.safetensors": ""}),
+                                          "--workers", "2", "--address", "127.0.0.1:9", "--out", str(c.tmp / "o")],
+                               "--address 127.0.0.1:9: cannot reach"),  # fmt: skip
+    "prune: cpus_per_worker 0": (lambda c: ["prune", "--model", str(c.tmp), "--set", "cpus_per_worker=0", "--out",
+                                            str(c.tmp / "o")], "cpus_per_worker: 0"),  # fmt: skip
 }
 
 

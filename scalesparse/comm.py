@@ -59,12 +59,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def broadcast_tensor(t: torch.Tensor, src: int) -> torch.Tensor:
-    """`t` from rank `src` (same shape and dtype everywhere); returns it on every rank."""
-    if is_distributed():
-        t = t.contiguous()
-        dist.broadcast(t, src=src)
-    return t
+def share_owned(
+    mine: dict[str, torch.Tensor], owners: dict[str, int], numels: dict[str, int]
+) -> dict[str, torch.Tensor]:
+    """Every rank gets every named 1-D float32 tensor from the rank that owns it: one broadcast per
+    owning rank (names in sorted order), whatever the number of tensors."""
+    if not is_distributed():
+        return dict(mine)
+    out = {}
+    for src in range(world_size()):
+        names = sorted(n for n, o in owners.items() if o == src)
+        if not names:
+            continue
+        sizes = [numels[n] for n in names]
+        buf = torch.cat([mine[n] for n in names]) if src == rank() else torch.empty(sum(sizes))
+        dist.broadcast(buf, src=src)
+        out.update(zip(names, buf.split(sizes)))
+    return out
 
 
 def all_gather_object(obj: Any) -> list[Any]:

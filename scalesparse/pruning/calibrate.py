@@ -211,14 +211,15 @@ def _solve(layers, pruners, xxt, sparsity, nm, report: PruneReport, t: float, me
             t0 = time.perf_counter()
             w0 = weight_matrix(layers[n]).detach().float().cpu().clone()
             w = pruners[n].prune(sparsity, nm)[1]
-            info = [relative_error(w0, w, xxt[n]), time.perf_counter() - t0]
-            solved[n] = (w, torch.tensor(info, dtype=torch.float64))
+            info = torch.tensor([relative_error(w0, w, xxt[n]), time.perf_counter() - t0])
+            solved[n] = torch.cat([w.reshape(-1), info])
     t = report.timed("solve", t)
+    shapes = {n: tuple(weight_matrix(layers[n]).shape) for n in owners}
+    # each result travels as [weights..., relative error, seconds]: one broadcast per worker per block
+    everyone = comm.share_owned(solved, owners, {n: shapes[n][0] * shapes[n][1] + 2 for n in owners})
     entries = {}
     for n in sorted(owners):
-        shape = tuple(weight_matrix(layers[n]).shape)
-        w, info = solved.get(n, (torch.empty(shape), torch.empty(2, dtype=torch.float64)))
-        w, info = comm.broadcast_tensor(w, owners[n]), comm.broadcast_tensor(info, owners[n])
+        w, (err, seconds) = everyone[n][:-2].view(shapes[n]), everyone[n][-2:].tolist()
         _write(layers[n], w)
-        entries[n] = (shape, float((w == 0).float().mean()), float(info[0]), float(info[1]))
+        entries[n] = (shapes[n], float((w == 0).float().mean()), err, seconds)
     return entries, report.timed("broadcast", t)

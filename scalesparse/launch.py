@@ -163,7 +163,7 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
         raise ScalesparseError(f"{name} failed on the workers: {_root_cause(e)}") from e
 
 
-PLACEMENT_TIMEOUT_S = 60.0
+PLACEMENT_TIMEOUT_S = 300.0  # room for an autoscaler to add nodes; then a clear error, not a hang
 
 
 class _GangMember:

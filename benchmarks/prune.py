@@ -48,39 +48,67 @@ def real_model(args) -> list[dict]:
 
 
 def workers(args) -> dict:
-    """SparseGPT 50% on the real model with 1 and then 2 workers (same calibration, same output).
+    """SparseGPT 50% on the real model with 1 and 2 workers (same calibration, same output), each run
+    a fresh `scalesparse prune` process, worker counts interleaved for `--rounds` rounds; medians and
+    every sample are reported.
 
-    One core per worker in both cases (Ray gives each worker 1 CPU and 1 thread; the 1-worker run,
-    which prunes in-process, is pinned to 1 thread too): adding a worker adds a core, as on a cluster.
+    One core per worker in both cases (OMP_NUM_THREADS=1; each Ray worker reserves 1 CPU): adding a
+    worker adds a core, as on a cluster. Ray is started once, before the clock, and the 2-worker runs
+    join it with --address, as they would join a cluster's Ray; its start-up on this machine is timed
+    separately. Wall time: the command end to end (interpreter, imports, model load, the workers'
+    start, pruning, saving), as a user sees it.
     """
+    import subprocess
+    import sys
+
+    import ray
+
     from scalesparse import launch
     from scalesparse.assets import fetch_model
-    from scalesparse.config import load_prune_config
-    from scalesparse.pruning.job import run_prune
 
     model = fetch_model("smollm2-135m")
+    t0 = time.perf_counter()
     launch.init_ray(num_cpus=os.cpu_count())
-    rows = {}
+    ray_start = time.perf_counter() - t0
+    address = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    samples: dict[int, list[dict]] = {n: [] for n in args.workers}
     with tempfile.TemporaryDirectory() as tmp:
-        threads = torch.get_num_threads()
-        for n in args.workers:
-            torch.set_num_threads(1 if n == 1 else threads)
-            t0 = time.perf_counter()
-            r = run_prune(load_prune_config(None, [f"model={model}", "method=sparsegpt", "sparsity=0.5",
-                                                   f"out={tmp}/w{n}", f"workers={n}", "eval.tokens=0"]),
-                          progress=False)  # fmt: skip
-            rows[n] = {"prune_seconds": r["prune_seconds"], "wall_seconds": time.perf_counter() - t0,
-                       "threads_per_worker": 1, "rank0_phase_seconds": r["phase_seconds"]}
-            phases = ", ".join(f"{k} {v:.1f}" for k, v in r["phase_seconds"].items())
-            print(f"{n} worker(s): pruning {r['prune_seconds']:.1f} s ({phases}), wall {rows[n]['wall_seconds']:.1f} s",
-                  flush=True)
-        torch.set_num_threads(threads)
+        for k in range(args.rounds):
+            for n in args.workers:
+                out = f"{tmp}/w{n}-{k}"
+                cmd = [sys.executable, "-m", "scalesparse", "prune", "--model", str(model), "--method", "sparsegpt",
+                       "--sparsity", "0.5", "--out", out, "--workers", str(n), "--set", "eval.tokens=0",
+                       "--set", f"calibration.samples={args.samples}"]  # fmt: skip
+                if n > 1:
+                    cmd += ["--address", address]
+                t0 = time.perf_counter()
+                subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wall = time.perf_counter() - t0
+                r = json.loads(Path(out, "report.json").read_text())
+                row = {"prune_seconds": r["prune_seconds"], "wall_seconds": wall,
+                       "rank0_phase_seconds": r["phase_seconds"]}  # fmt: skip
+                samples[n].append(row)
+                phases = ", ".join(f"{p} {v:.1f}" for p, v in r["phase_seconds"].items())
+                print(f"round {k}, {n} worker(s): pruning {row['prune_seconds']:.1f} s ({phases}), wall {wall:.1f} s",
+                      flush=True)  # fmt: skip
     launch.shutdown_ray()
+
+    def median(xs: list[float]) -> float:
+        xs = sorted(xs)
+        return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+    rows = {n: {"prune_seconds": median([s["prune_seconds"] for s in ss]),
+                "wall_seconds": median([s["wall_seconds"] for s in ss]), "threads_per_worker": 1,
+                "samples": ss} for n, ss in samples.items()}  # fmt: skip
     base = rows[args.workers[0]]
-    for row in rows.values():
+    for n, row in rows.items():
         row["prune_ratio"] = row["prune_seconds"] / base["prune_seconds"]
         row["wall_ratio"] = row["wall_seconds"] / base["wall_seconds"]
-    return rows
+        print(f"{n} worker(s): median pruning {row['prune_seconds']:.1f} s ({row['prune_ratio']:.2f}×), "
+              f"wall {row['wall_seconds']:.1f} s ({row['wall_ratio']:.2f}×)", flush=True)  # fmt: skip
+    return {"calibration_samples": args.samples, "ray_start_seconds": ray_start, "rounds": args.rounds,
+            "by_workers": rows}  # fmt: skip
 
 
 def scaling(args) -> list[dict]:
@@ -118,6 +146,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens for the scaling sweep")
     ap.add_argument("--skip-real", action="store_true")
     ap.add_argument("--workers", type=int, nargs="*", default=[], help="e.g. 1 2: time SparseGPT on that many workers")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the worker comparison")
+    ap.add_argument("--samples", type=int, default=16, help="calibration samples of 256 tokens (workers part)")
     ap.add_argument("--only-workers", action="store_true", help="run just the worker comparison")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/prune.json"))
     args = ap.parse_args()
@@ -125,7 +155,7 @@ def main() -> None:
     out_path = Path(args.out)
     if args.only_workers:  # add to an existing result file
         out = json.loads(out_path.read_text()) if out_path.is_file() else {"benchmark": "prune"}
-        out["workers"] = workers(args)
+        out["workers" if args.samples == 16 else f"workers_samples{args.samples}"] = workers(args)
         out_path.write_text(json.dumps(out, indent=1))
         print(f"wrote {args.out}")
         return

@@ -101,7 +101,7 @@ class Grams:
                 # one batch's product in fp32 (as SparseGPT's reference code does; fp64 was most of the
                 # walk's time), summed over batches and workers in fp64 so the order of the sum barely matters
                 flat = x.reshape(-1, x.shape[-1]).float().cpu()
-                self.sums[self.group[name]] += (flat.t() @ flat).double()
+                self.sums[self.group[name]].add_(flat.t() @ flat)  # fp32 → fp64 inside the add: no temporary
                 self._batch[id(x)] = (x, self.group[name])
             else:
                 self.group.setdefault(name, hit[1])

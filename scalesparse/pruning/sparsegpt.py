@@ -27,7 +27,7 @@ class SparseGPT(Pruner):
         x = inp.reshape(-1, inp.shape[-1])
         if not self.external_gram:
             x = x.float()
-            self.xxt += (x.t() @ x).double()  # as the calibration walk's Grams: fp32 product, fp64 sum
+            self.xxt.add_(x.t() @ x)  # as the calibration walk's Grams: fp32 product, fp64 sum
         self.nsamples += x.shape[0]
 
     def stats(self):

@@ -183,10 +183,11 @@ class _GangMember:
 
         torch.set_num_threads(threads)
         comm.init_group(backend, rank, world, *master)
-        try:
-            return entry(args)
-        finally:
-            comm.close_group()
+        # No try/finally: a rank that raises keeps its process group up until the driver kills the
+        # gang, so its peers block instead of failing on the teardown and hiding the real error.
+        result = entry(args)
+        comm.close_group()
+        return result
 
 
 def run_on_actors(entry: Callable[[dict[str, Any]], Any], args: dict[str, Any], *, workers: int,

@@ -608,6 +608,9 @@ class PruneConfig:
                 yield "pattern", "must satisfy 0 < N < M"
             elif abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
                 yield "sparsity", f"must be 1 − N/M = {1 - nm[0] / nm[1]} with pattern {self.pattern}"
+            elif self.blocksize % nm[1]:
+                # SparseGPT picks each group's mask inside one column block: a group must not straddle two
+                yield "blocksize", f"must be a multiple of M = {nm[1]} with pattern {self.pattern}"
 
     @property
     def nm(self) -> tuple[int, int] | None:

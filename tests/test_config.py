@@ -95,6 +95,14 @@ def test_n_of_m_patterns_stay_strings_not_base_60_integers(tmp_path):
     assert config_from_dict({}, ["train.steps=0x10"]).train.steps == 16  # other integer forms still work
 
 
+def test_n_of_m_groups_must_fit_sparsegpt_column_blocks():
+    from scalesparse.config import load_prune_config
+
+    with pytest.raises(ConfigError, match="blocksize: 12 is not allowed; must be a multiple of M = 8 with pattern 4:8"):
+        load_prune_config(None, ["model=m", "pattern=4:8", "blocksize=12"])
+    assert load_prune_config(None, ["model=m", "pattern=4:8", "blocksize=16"]).blocksize == 16
+
+
 def test_malformed_yaml_names_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: [1, 2\n  steps: 3\n")

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -93,13 +94,8 @@ def workers(args) -> dict:
                 print(f"round {k}, {n} worker(s): pruning {row['prune_seconds']:.1f} s ({phases}), wall {wall:.1f} s",
                       flush=True)  # fmt: skip
     launch.shutdown_ray()
-
-    def median(xs: list[float]) -> float:
-        xs = sorted(xs)
-        return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
-
-    rows = {n: {"prune_seconds": median([s["prune_seconds"] for s in ss]),
-                "wall_seconds": median([s["wall_seconds"] for s in ss]), "threads_per_worker": 1,
+    rows = {n: {"prune_seconds": statistics.median(s["prune_seconds"] for s in ss),
+                "wall_seconds": statistics.median(s["wall_seconds"] for s in ss), "threads_per_worker": 1,
                 "samples": ss} for n, ss in samples.items()}  # fmt: skip
     base = rows[args.workers[0]]
     for n, row in rows.items():

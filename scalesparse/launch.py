@@ -30,8 +30,10 @@ def check_reachable(address: str | None, flag: str = "--address", timeout: float
     """Fail in seconds, naming the address, when nothing listens there.
 
     ray.init and the Jobs client retry an unreachable address for a minute or more before giving
-    up with a long traceback; one TCP connect tells the user the same thing at once.
+    up with a long traceback; one TCP connect tells the user the same thing at once. No address:
+    $RAY_ADDRESS, as `init_ray` would join.
     """
+    address = address or os.environ.get("RAY_ADDRESS")
     if not address or address in ("auto", "local"):
         return
     parts = urlsplit(address if "://" in address else f"//{address}")

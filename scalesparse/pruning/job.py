@@ -5,7 +5,6 @@ after → save_pretrained (safetensors) + report.json / report.md. Everything th
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -52,7 +51,7 @@ def run_prune(cfg: PruneConfig, progress: bool = True, address: str | None = Non
     if cfg.workers > 1:
         from scalesparse import launch
 
-        launch.check_reachable(address or os.environ.get("RAY_ADDRESS"))  # seconds, not minutes of retries
+        launch.check_reachable(address)  # seconds, not minutes of retries
     _check_out(out)
     if cfg.workers == 1:
         return _prune(cfg, progress)

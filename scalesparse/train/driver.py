@@ -139,7 +139,7 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     from scalesparse import launch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    launch.check_reachable(address or os.environ.get("RAY_ADDRESS"))  # seconds, not minutes of retries
+    launch.check_reachable(address)  # seconds, not minutes of retries
     run_dir = prepare_run_dir(cfg, resume)
     data: PreparedData = prepare_data(cfg.data)
     start = resolve_resume(cfg, resume, run_dir, data.vocab_size)

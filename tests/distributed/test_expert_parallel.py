@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from scalesparse.config import ModelConfig, MoEConfig
-from scalesparse.model.moe.backends import Experts, grouped_matmul
+from scalesparse.model.moe.backends import Experts, grouped_expert_mlp
 from scalesparse.model.moe.expert_parallel import expert_parallel_forward
 from scalesparse.model.moe.layer import MoEMLP
 from tests.distributed.test_sparse_sync import free_port
@@ -46,7 +46,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             local.down_proj.copy_(ref.experts.down_proj[own])
         x, c = inputs(rank)
         x.requires_grad_(True)
-        y = expert_parallel_forward(x, ref.router(x), local, E, grouped_matmul)
+        y = expert_parallel_forward(x, ref.router(x), local, E, grouped_expert_mlp)
         (y * c).sum().backward()
         torch.save({"y": y.detach(), "x_grad": x.grad, "gate_up": local.gate_up_proj.grad,
                     "down": local.down_proj.grad, "router": ref.router.gate.weight.grad},

@@ -8,6 +8,7 @@ import torch
 from scalesparse.config import ModelConfig, MoEConfig, config_from_dict
 from scalesparse.errors import ConfigError
 from scalesparse.model import GPT, active_params, count_flops_per_token
+from scalesparse.model.moe import backends
 from scalesparse.model.moe.backends import BACKENDS, megablocks_available, resolve_backend
 from scalesparse.model.moe.layer import MoEMLP, capacity_assignment
 from scalesparse.model.moe.router import Routing, TopKRouter, load_balancing_loss
@@ -45,6 +46,19 @@ def test_grouped_equals_the_per_expert_loop(activation):
     grouped, loop = make_layer("grouped", activation), make_layer("loop", activation)
     loop.load_state_dict(grouped.state_dict())
     assert_same(run(grouped, x), run(loop, x))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_in_row_blocks_equals_the_per_expert_loop(activation, monkeypatch):
+    """On CPU the grouped MLP runs each expert's rows in cache-sized blocks; with 5-row blocks every
+    expert spans several, so weight gradients are accumulated across blocks."""
+    monkeypatch.setattr(backends, "block_rows", lambda gate_up: 5)
+    x = torch.randn(3, 41, D)
+    grouped, loop = make_layer("grouped", activation), make_layer("loop", activation)
+    loop.load_state_dict(grouped.state_dict())
+    out = run(grouped, x)
+    assert grouped.stats["load"].min() > 10  # several blocks per expert
+    assert_same(out, run(loop, x))
 
 
 def test_grouped_handles_experts_without_tokens():

@@ -3,7 +3,7 @@
 Forward on every rank, for its own tokens:
   1. route (router replicated, data parallel), sort the N·k assignments by destination rank;
   2. all-to-all the token rows and their expert ids (uneven splits);
-  3. run the local experts on what arrived (the same grouped GEMM as the single-process path);
+  3. run the local experts on what arrived (the same grouped expert MLP as the single-process path);
   4. all-to-all the results back (the reverse splits), weight them and add them to their tokens.
 Autograd sends gradients back along the same routes, so an expert's weight gradient sums the
 contributions of every rank's tokens: with the data-parallel 1/P averaging that the other weights
@@ -20,7 +20,9 @@ from scalesparse.model.moe.backends import Experts, permuted_experts
 from scalesparse.model.moe.router import Routing
 
 
-def expert_parallel_forward(x: torch.Tensor, routing: Routing, local: Experts, num_experts: int, gmm) -> torch.Tensor:
+def expert_parallel_forward(
+    x: torch.Tensor, routing: Routing, local: Experts, num_experts: int, expert_mlp
+) -> torch.Tensor:
     """x: (N, d) this rank's tokens; `local` holds experts [rank·E/P, (rank+1)·E/P)."""
     P = comm.world_size()
     per_rank = num_experts // P
@@ -34,7 +36,7 @@ def expert_parallel_forward(x: torch.Tensor, routing: Routing, local: Experts, n
     arrived = comm.all_to_all(x.index_select(0, token), send_l, recv_l)  # (M, d)
     arrived_expert = comm.all_to_all(flat[order].unsqueeze(1), send_l, recv_l).squeeze(1) - comm.rank() * per_rank
     ones = torch.ones(arrived.shape[0], 1, dtype=x.dtype, device=x.device)
-    done = permuted_experts(arrived, ones, arrived_expert.unsqueeze(1), local, gmm)  # (M, d)
+    done = permuted_experts(arrived, ones, arrived_expert.unsqueeze(1), local, expert_mlp)  # (M, d)
     back = comm.all_to_all(done, recv_l, send_l)  # (N·k, d), in the order sent
     out = back * routing.weights.reshape(-1)[order].unsqueeze(1)
     return torch.zeros_like(x).index_add_(0, token, out)

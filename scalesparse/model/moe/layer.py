@@ -15,7 +15,7 @@ from torch import nn
 
 from scalesparse.config import ModelConfig, MoEConfig
 from scalesparse.model.mlp import MLPS
-from scalesparse.model.moe.backends import BACKENDS, Experts, expert_hidden, grouped_matmul, resolve_backend
+from scalesparse.model.moe.backends import BACKENDS, Experts, expert_hidden, grouped_expert_mlp, resolve_backend
 from scalesparse.model.moe.expert_parallel import expert_parallel_forward
 from scalesparse.model.moe.router import TopKRouter, load_balancing_loss, tokens_per_expert, z_loss
 
@@ -68,7 +68,7 @@ class MoEMLP(nn.Module):
         routing = self.router(flat)
         E = self.moe.num_experts
         if self.expert_parallel > 1:
-            y = expert_parallel_forward(flat, routing, self.experts, E, grouped_matmul)
+            y = expert_parallel_forward(flat, routing, self.experts, E, grouped_expert_mlp)
             dropped = torch.zeros(())
         elif self.moe.capacity_factor is None:
             y = self.backend(flat, routing.weights, routing.experts, self.experts)

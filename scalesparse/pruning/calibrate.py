@@ -18,7 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from scalesparse import comm
-from scalesparse.pruning.base import PRUNERS, weight_matrix
+from scalesparse.pruning import PRUNERS  # the methods, registered
+from scalesparse.pruning.base import weight_matrix
 from scalesparse.pruning.hf import find_blocks, linear_layers
 
 

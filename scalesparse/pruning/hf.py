@@ -9,36 +9,13 @@ import torch
 from torch import nn
 
 from scalesparse.errors import ConfigError, ScalesparseError
-
-
-def check_model_folder(folder: str, gguf_file: str | None = None, allow_pickle: bool = False) -> dict:
-    """Cheap checks of a model folder before anything is loaded; returns from_pretrained's kwargs."""
-    path = Path(folder).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model: {path} is not a folder")
-    kwargs: dict = {"dtype": torch.float32}
-    if gguf_file is not None:
-        if not (path / gguf_file).is_file():
-            raise ConfigError(f"gguf_file: {path / gguf_file} not found")
-        kwargs["gguf_file"] = gguf_file
-    else:
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model: {path} has no config.json (not a transformers model folder)")
-        safetensors = list(path.glob("*.safetensors"))
-        pickles = list(path.glob("pytorch_model*.bin"))
-        if not safetensors and not pickles:
-            raise ConfigError(f"model: {path} has no weights (*.safetensors)")
-        if not safetensors and not allow_pickle:
-            raise ConfigError(f"model: {pickles[0]} is a pickle, which can run code when loaded; convert it to "
-                              f"safetensors or pass --allow-pickle if you trust it")  # fmt: skip
-        kwargs["use_safetensors"] = bool(safetensors)
-    return kwargs
+from scalesparse.pruning.model_folder import check_model_folder
 
 
 def load_causal_lm(folder: str, gguf_file: str | None = None, allow_pickle: bool = False):
     """(model in fp32 eval mode, tokenizer). Refuses pickled weights unless allowed; never reaches a hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kwargs = check_model_folder(folder, gguf_file, allow_pickle)
+    kwargs = {**check_model_folder(folder, gguf_file, allow_pickle), "dtype": torch.float32}
     path = Path(folder).expanduser()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

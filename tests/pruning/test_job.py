@@ -77,3 +77,21 @@ def test_bad_inputs_fail_before_work(exported, small_data, tmp_path, capsys):
     empty.mkdir()
     (empty / "config.json").write_text("{}")
     assert "has no weights" in err("--model", str(empty), "--out", str(tmp_path / "o4"))
+
+
+def test_the_driver_checks_and_hands_over_without_importing_torch(exported, tmp_path):
+    """With workers > 1 the `prune` process only checks and hands the work to Ray: it must not pay for
+    torch (or transformers). Run in a fresh interpreter up to the Ray connection (no Ray at :9)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from scalesparse.cli import main\n"
+        f"rc = main(['prune', '--model', {str(exported)!r}, '--workers', '2', '--address', '127.0.0.1:9',"
+        f" '--out', {str(tmp_path / 'o')!r}])\n"
+        "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "cannot reach 127.0.0.1:9" in r.stderr  # it got as far as the hand-over
+    assert r.stdout.split() == ["2", "False", "False"]

@@ -61,6 +61,21 @@ def test_grouped_in_row_blocks_equals_the_per_expert_loop(activation, monkeypatc
     assert_same(out, run(loop, x))
 
 
+def test_grouped_with_frozen_experts_gives_the_loops_input_and_router_gradients():
+    x = torch.randn(2, 37, D)
+    grouped, loop = make_layer("grouped"), make_layer("loop")
+    loop.load_state_dict(grouped.state_dict())
+    grads = []
+    for layer in (grouped, loop):
+        layer.experts.requires_grad_(False)
+        xi = x.clone().requires_grad_(True)
+        layer(xi).pow(2).sum().backward()
+        assert layer.experts.gate_up_proj.grad is None
+        grads.append((xi.grad, layer.router.gate.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_handles_experts_without_tokens():
     layer = make_layer()
     with torch.no_grad():

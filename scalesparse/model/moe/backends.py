@@ -112,23 +112,29 @@ class GroupedExpertMLP(torch.autograd.Function):
         xs, w1, w2, h = ctx.saved_tensors
         gy = gy.contiguous()
         ff = w2.shape[2]
-        gx = torch.empty_like(xs)
-        gw1, gw2 = torch.zeros_like(w1), torch.zeros_like(w2)  # experts with no tokens get 0
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        gx = torch.empty_like(xs) if need_x else None
+        gw1 = torch.zeros_like(w1) if need_w1 else None  # experts with no tokens get 0
+        gw2 = torch.zeros_like(w2) if need_w2 else None
         gh = h.new_empty(min(ctx.rows, h.shape[0]), h.shape[1])  # one block's hidden gradient, reused
         for e, a, b in row_blocks(ctx.counts, ctx.rows):
             hb, g, ghb = h[a:b], gy[a:b], gh[: b - a]
             if ctx.swiglu:  # act = silu(gate) · up
                 gate, up = hb[:, :ff], hb[:, ff:]
                 s = F.silu(gate)
-                gw2[e].addmm_(g.t(), s * up)
+                if need_w2:
+                    gw2[e].addmm_(g.t(), s * up)
                 ga = g @ w2[e]
                 torch.mul(ga, s, out=ghb[:, ff:])
                 torch.ops.aten.silu_backward.grad_input(ga.mul_(up), gate, grad_input=ghb[:, :ff])
             else:
-                gw2[e].addmm_(g.t(), F.gelu(hb))
+                if need_w2:
+                    gw2[e].addmm_(g.t(), F.gelu(hb))
                 ghb = torch.ops.aten.gelu_backward(g @ w2[e], hb)
-            gw1[e].addmm_(ghb.t(), xs[a:b])
-            torch.mm(ghb, w1[e], out=gx[a:b])
+            if need_w1:
+                gw1[e].addmm_(ghb.t(), xs[a:b])
+            if need_x:
+                torch.mm(ghb, w1[e], out=gx[a:b])
         return gx, gw1, gw2, None, None, None
 
 

@@ -70,8 +70,9 @@ def row_blocks(counts: list[int], rows: int):
 
 
 # Hidden activations per block on CPU: 16 MiB keeps a block's (rows, 2·ff) hidden in cache between the
-# GEMM that writes it and the activation that reads it (16k tokens: 0.81-0.89x the dense time with
-# blocks vs 1.00-1.07x unfused, benchmarks/moe_layer.py). On CUDA one GEMM per expert is best.
+# GEMM that writes it and the activation that reads it (benchmarks/moe_layer.py, 16k tokens: 0.86x the
+# dense MLP's time, where composing autograd ops over the whole hidden took 1.09x; 256-row blocks lost
+# the gain, 512 and 1024 rows were alike). On CUDA one GEMM per expert is best.
 CPU_BLOCK_BYTES = 16 * 2**20
 
 
@@ -89,7 +90,7 @@ class GroupedExpertMLP(torch.autograd.Function):
     * each block's hidden is produced, activated and consumed while it is still in cache, instead of
       three passes over an (N·k, 2·ff) tensor;
     * only the inputs and the pre-activation hidden are saved; the activation is recomputed per block
-      in backward (half the saved memory of composing autograd ops);
+      in backward (0.6x the saved memory of composing autograd ops);
     * weight gradients are written per expert into one buffer (indexing W[e] under autograd would
       materialise a full-size zero gradient per expert).
     """

@@ -93,6 +93,11 @@ class Sparsifier:
             if v.grad is not None:
                 v.grad.masked_fill_(~self.local_mask(v), 0.0)
 
+    def mean_sparsity(self) -> float:
+        """Sparsity of the masked weights averaged over the run's steps (what its training FLOPs
+        follow). Methods that hold the target from the first step: the target."""
+        return self.cfg.sparsity
+
     def should_update(self, step: int) -> bool:
         """`step`: optimizer steps completed."""
         c = self.cfg

@@ -30,10 +30,24 @@ class GMP(Sparsifier):
         return step >= c.start_step and step <= max(last, c.update_interval) and step > 0 and (
             step % c.update_interval == 0)
 
+    def scheduled(self, step: int) -> float:
+        """The sparsity an update at `step` prunes to (the last one reaches the target exactly)."""
+        return self.sparsity_at(step) if step < self.cfg.stop_fraction * self.total_steps else self.cfg.sparsity
+
+    def mean_sparsity(self) -> float:
+        """GMP trains dense at first: average the sparsity in effect over the steps (an update after
+        `step` optimizer steps holds from that step on)."""
+        s, total = 0.0, 0.0
+        for step in range(self.total_steps):
+            if self.should_update(step):
+                s = self.scheduled(step)
+            total += s
+        return total / max(1, self.total_steps)
+
     def update(self, step: int, views: list[LayerView]) -> dict[str, float]:
         views = sorted(views, key=lambda v: v.name)
         before = self.wire.total
-        s = self.sparsity_at(step) if step < self.cfg.stop_fraction * self.total_steps else self.cfg.sparsity
+        s = self.scheduled(step)
         target = keep_counts(self.cfg.distribution, self.shapes, s)
         n = [max(0, int(self.masks[v.name].sum()) - target[v.name]) for v in views]
         drop = self.select(views, [-v.weight.abs() for v in views], [self.local_mask(v) for v in views], n)

@@ -117,21 +117,26 @@ def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
     }
     # Sparse training: the weights masked out at the target sparsity (the masks hit it to the weight)
     # and the FLOPs a sparse kernel would skip: 2 per zeroed weight per token forward, 3× that in
-    # training. RigL also computes the dense gradient of masked layers once every update_interval.
+    # training, at the sparsity in effect at each step averaged over the run (GMP starts dense).
+    # RigL also computes the dense gradient of masked layers once every update_interval.
     # Theoretical: scalesparse multiplies masked dense weights, so measured speed does not change.
-    zeroed, extra = 0, 0
+    zeroed, zeroed_in_training, extra = 0, 0, 0
     if cfg.sparsity.method != "none":
+        from scalesparse.sparsity import SPARSIFIERS
         from scalesparse.sparsity.masks import select_layers
 
         layers = select_layers(model, cfg.sparsity.include, cfg.sparsity.exclude)
         masked = sum(m.weight.numel() for m in layers.values())
+        shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+        sparsifier = SPARSIFIERS.get(cfg.sparsity.method)(cfg.sparsity, shapes, cfg.train.steps, cfg.seed)
         zeroed = round(cfg.sparsity.sparsity * masked)
+        zeroed_in_training = round(sparsifier.mean_sparsity() * masked)
         if cfg.sparsity.method == "rigl":
             extra = 2 * 2 * zeroed // max(1, cfg.sparsity.update_interval)
     out["params_nonzero"] = out["params"] - zeroed
     out["params_nonzero_non_embedding"] = out["params_non_embedding"] - zeroed
     out["flops_per_token_inference_sparse"] = flops["forward"] - 2 * zeroed
-    out["flops_per_token_train_sparse"] = 3 * (flops["forward"] - 2 * zeroed) + extra
+    out["flops_per_token_train_sparse"] = 3 * (flops["forward"] - 2 * zeroed_in_training) + extra
     return out
 
 

@@ -125,6 +125,36 @@ def test_gmp_is_dense_to_sparse_on_the_cubic_schedule():
     assert sp.sparsity_at(40) == pytest.approx(0.9 * (1 - 0.5**3))
 
 
+def test_gmp_mean_sparsity_is_the_average_of_its_masks_over_the_run():
+    model, layers, sp, opt = setup("gmp", steps=100, sparsity=0.9, interval=10, stop_fraction=0.8)
+    sp.init_masks(local_views(layers, opt))
+    in_effect = []
+    for step in range(100):  # as the training loop: an update after `step` steps holds from then on
+        if sp.should_update(step):
+            sp.update(step, local_views(layers, opt))
+        in_effect.append(sp.sparsity_report()["global"])
+    assert sp.mean_sparsity() == pytest.approx(sum(in_effect) / len(in_effect), abs=1e-3)
+    # frequent updates over a long run approach the integral of the cubic ramp: s·(3/4·stop + 1 − stop)
+    long = SPARSIFIERS.get("gmp")(sp.cfg, sp.shapes, 20_000, seed=7)
+    assert long.mean_sparsity() == pytest.approx(0.9 * (0.75 * 0.8 + 0.2), rel=2e-3)
+    assert setup("static", sparsity=0.9)[2].mean_sparsity() == 0.9
+
+
+def test_training_flops_count_gmp_at_the_sparsity_it_trains_at():
+    from scalesparse.config import config_from_dict
+    from scalesparse.train.driver import model_summary
+
+    def train_flops(method):
+        sparsity = {"method": method, "sparsity": 0.9} if method != "none" else {}
+        return model_summary(config_from_dict({"sparsity": sparsity}), 100)["flops_per_token_train_sparse"]
+
+    dense, static, gmp = train_flops("none"), train_flops("static"), train_flops("gmp")
+    assert static < gmp < dense  # GMP trains dense at first, then as sparse as static
+    inference = model_summary(config_from_dict({"sparsity": {"method": "gmp", "sparsity": 0.9}}), 100)
+    assert inference["params_nonzero"] == model_summary(config_from_dict({"sparsity": {"method": "static",
+                                                         "sparsity": 0.9}}), 100)["params_nonzero"]  # fmt: skip
+
+
 def test_snip_keeps_the_largest_connection_sensitivity():
     model, layers, sp, opt = setup("snip", sparsity=0.7)
     dense_grads(model, layers)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,9 +37,10 @@ def run_variants(variants: dict[str, tuple[str, list[str]]], seeds: list[int], e
 
 
 def aggregate(rows: list[dict]) -> dict:
+    from scalesparse.sweep import mean_std  # the same statistics as `scalesparse sweep`
+
     def stat(key):
-        vals = [r[key] for r in rows]
-        return {"mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+        return mean_std([r[key] for r in rows])
 
     return {"val_loss": stat("final_val_loss"), "val_ppl": stat("final_val_ppl"), "tokens_per_s": stat("tokens_per_s"),
             "params": rows[0]["params"], "params_active": rows[0]["params_active"],

@@ -65,7 +65,19 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as e:
+            if _auth_refused(e):
+                # Ray 2.60 turns token auth on for a `ray start` head whenever ~/.ray/auth_token exists
+                # there, but a joining driver only uses a token when RAY_AUTH_MODE=token says so (and
+                # guessing it breaks joining a cluster without auth: its workers cannot call back)
+                raise LaunchError(
+                    f"--address {address}: the cluster requires token authentication; export RAY_AUTH_MODE=token "
+                    "with the head's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the "
+                    "head prints it)"
+                ) from None
+            raise
         return
     ray.init(
         num_cpus=num_cpus,
@@ -75,6 +87,14 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         log_to_driver=True,
         logging_level="WARNING",
     )
+
+
+def _auth_refused(e: BaseException) -> bool:
+    while e is not None:
+        if type(e).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _connect(address: str | None, cpus_needed: float = 0.0) -> None:

@@ -63,6 +63,9 @@ def derived_generator(seed: int, step: int, name: str) -> torch.Generator:
 class Sparsifier:
     position: ClassVar[Position]
     dynamic: ClassVar[bool] = False
+    dense_gradient_every_update: ClassVar[bool] = False
+    """Whether the method reads the dense gradient of masked layers at each update (RigL's grow
+    criterion): a sparse kernel would then compute it, which the training FLOPs count."""
 
     def __init__(self, cfg: SparsityConfig, shapes: dict[str, tuple[int, int]], total_steps: int, seed: int) -> None:
         self.cfg, self.shapes, self.total_steps, self.seed = cfg, dict(sorted(shapes.items())), total_steps, seed

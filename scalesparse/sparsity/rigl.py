@@ -7,6 +7,8 @@ from scalesparse.sparsity.base import SPARSIFIERS, DropAndGrow, LayerView
 
 @SPARSIFIERS.register("rigl")
 class RigL(DropAndGrow):
+    dense_gradient_every_update = True
+
     def grow_scores(self, step: int, v: LayerView) -> torch.Tensor:
         if v.grad is None:
             raise RuntimeError(f"rigl needs the dense gradient of {v.name} at step {step}")

@@ -131,7 +131,7 @@ def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
         sparsifier = SPARSIFIERS.get(cfg.sparsity.method)(cfg.sparsity, shapes, cfg.train.steps, cfg.seed)
         zeroed = round(cfg.sparsity.sparsity * masked)
         zeroed_in_training = round(sparsifier.mean_sparsity() * masked)
-        if cfg.sparsity.method == "rigl":
+        if sparsifier.dense_gradient_every_update:
             extra = 2 * 2 * zeroed // max(1, cfg.sparsity.update_interval)
     out["params_nonzero"] = out["params"] - zeroed
     out["params_nonzero_non_embedding"] = out["params_non_embedding"] - zeroed

@@ -139,9 +139,9 @@ class GroupedExpertMLP(torch.autograd.Function):
         return gx, gw1, gw2, None, None, None
 
 
-def grouped_expert_mlp(xs: torch.Tensor, counts: torch.Tensor, ex: Experts, rows: int | None = None) -> torch.Tensor:
+def grouped_expert_mlp(xs: torch.Tensor, counts: torch.Tensor, ex: Experts) -> torch.Tensor:
     """The experts on rows already sorted by expert (counts[e] rows each); unweighted outputs."""
-    rows = rows or block_rows(ex.gate_up_proj)
+    rows = block_rows(ex.gate_up_proj)
     return GroupedExpertMLP.apply(xs, ex.gate_up_proj, ex.down_proj, counts.tolist(), ex.swiglu, rows)
 
 

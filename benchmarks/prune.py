@@ -151,7 +151,8 @@ def main() -> None:
     out_path = Path(args.out)
     if args.only_workers:  # add to an existing result file
         out = json.loads(out_path.read_text()) if out_path.is_file() else {"benchmark": "prune"}
-        out["workers" if args.samples == 16 else f"workers_samples{args.samples}"] = workers(args)
+        key = "workers" if args.samples == ap.get_default("samples") else f"workers_samples{args.samples}"
+        out[key] = workers(args)
         out_path.write_text(json.dumps(out, indent=1))
         print(f"wrote {args.out}")
         return

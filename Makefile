@@ -12,7 +12,7 @@ DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv test test-quick demo lint clean
+.PHONY: venv system-deps test test-quick demo lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,20 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# Debian's chromium renders `scalesparse report` pages for the report screenshot test (a slow test).
+# As root it is installed here; otherwise one line says what to install.
+system-deps:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing Debian's chromium (the report screenshot test needs it)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "make: the test suite needs Chromium (report screenshot test); install it first: sudo apt-get install chromium" >&2; \
+	    exit 1; \
+	  fi; }
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-quick: $(STAMP)

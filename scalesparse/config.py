@@ -600,6 +600,8 @@ class PruneConfig:
         yield from _positive(self, "cpus_per_worker")
         yield from _positive(self, "blocksize")
         yield from _in_unit(self, "damp", closed_low=False)
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            yield "device", "must be cpu, cuda or cuda:N"
         if self.pattern is not None:
             nm = self.nm
             if nm is None:
@@ -692,8 +694,9 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from None
-    if data is None:
-        data = {}
+    if data is None:  # an empty file (or comments only) is a mistake, not "all defaults"
+        raise ConfigError(f"{path}: the config file is empty; write at least one section "
+                          f"(see configs/tiny.yaml), or `{{}}` for all defaults")  # fmt: skip
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
     return data

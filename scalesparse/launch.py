@@ -164,6 +164,9 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
 
     # Logical CPUs: 2 workers × 1 CPU must fit on a 2-core laptop next to the driver.
     _connect(address, workers * cpus_per_worker)
+    # Ray Train 2.5x routes a worker's print() through its logger (to the driver's stderr) *and* its
+    # stdout, so every line reached the terminal twice; the driver propagates this switch to workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     gpu = gpus_per_worker > 0
     backend = backend if backend != "auto" else ("nccl" if gpu else "gloo")
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}

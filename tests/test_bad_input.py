@@ -1,4 +1,4 @@
-"""Bad input across train, submit, export and prune: each exits non-zero with one readable line
+"""Bad input across train, submit, export, prune and config show: each exits non-zero with one readable line
 naming the culprit, no traceback, fast, and without touching existing checkpoints.
 
 Run with `-s` to print the table (id | message) that the README's error section quotes.
@@ -54,6 +54,9 @@ class Case:
             (folder / name).write_text(text)
         return str(folder)
 
+
+# a model folder that passes the cheap checks (nothing reads the files' contents before them)
+MODEL_FILES = {"config.json": "{}", "model.safetensors": "", "tokenizer.json": "{}"}
 
 # id → (build argv from a Case, text the message must contain)
 CASES = {
@@ -113,11 +116,28 @@ CASES = {
     "prune: pickle refused": (lambda c: ["prune", "--model", c.model_folder({"config.json": "{}",
                                          "pytorch_model.bin": "x"}), "--out", str(c.tmp / "o")],
                               "is a pickle, which can run code"),  # fmt: skip
-    "prune: out not empty": (lambda c: ["prune", "--model", c.model_folder({"config.json": "{}", "m.safetensors": ""}),
+    "prune: out not empty": (lambda c: ["prune", "--model", c.model_folder(MODEL_FILES),
                                         "--out", c.config()], "exists and is not an empty folder"),
-    "prune: no Ray there": (lambda c: ["prune", "--model", c.model_folder({"config.json": "{}", "a.safetensors": ""}),
+    "prune: no Ray there": (lambda c: ["prune", "--model", c.model_folder(MODEL_FILES),
                                           "--workers", "2", "--address", "127.0.0.1:9", "--out", str(c.tmp / "o")],
                                "--address 127.0.0.1:9: cannot reach"),  # fmt: skip
+    "prune: config.json not JSON": (lambda c: ["prune", "--model", c.model_folder({**MODEL_FILES, "config.json": "{x"}),
+                                               "--out", str(c.tmp / "o")], "config.json is not valid JSON (line 1"),
+    "prune: no tokenizer": (lambda c: ["prune", "--model", c.model_folder({"config.json": "{}", "m.safetensors": ""}),
+                                       "--out", str(c.tmp / "o")], "has no tokenizer (looked for tokenizer.json"),
+    "prune: window past the context": (
+        lambda c: ["prune", "--model", c.model_folder({**MODEL_FILES,
+                                                       "config.json": '{"max_position_embeddings": 256}'}),
+                   "--out", str(c.tmp / "o")],  # fmt: skip
+        "eval.window: 512 is longer than the model's context (max_position_embeddings = 256"),
+    "prune: calibration past the context": (
+        lambda c: ["prune", "--model", c.model_folder({**MODEL_FILES, "config.json": '{"n_positions": 128}'}),
+                   "--out", str(c.tmp / "o")],
+        "calibration.seq_len: 256 is longer than the model's context (n_positions"),
+    "prune: unknown device": (lambda c: ["prune", "--model", str(c.tmp), "--device", "gpu", "--out", str(c.tmp / "o")],
+                              "device: 'gpu' is not allowed; must be cpu, cuda or cuda:N"),
+    "train: empty config": (lambda c: ["train", c.config(text="# only a comment\n")], "the config file is empty"),
+    "config show: empty config": (lambda c: ["config", "show", c.config(text="")], "the config file is empty"),
     "prune: cpus_per_worker 0": (lambda c: ["prune", "--model", str(c.tmp), "--set", "cpus_per_worker=0", "--out",
                                             str(c.tmp / "o")], "cpus_per_worker: 0"),  # fmt: skip
 }
@@ -154,4 +174,4 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_there_are_at_least_twenty_cases_over_every_command():
     assert len(CASES) >= 20
-    assert {case.split(":")[0] for case in CASES} == {"train", "submit", "export", "prune"}
+    assert {case.split(":")[0] for case in CASES} == {"train", "submit", "export", "prune", "config show"}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from scalesparse.config import PruneConfig
 from scalesparse.errors import ConfigError
-from scalesparse.pruning.model_folder import check_model_folder
+from scalesparse.pruning.model_folder import check_model_folder, context_length, read_model_config
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +39,22 @@ def _check_out(out: Path) -> None:
         raise ConfigError(f"out: cannot write to {out} ({e.strerror})") from None
 
 
+def check_context(cfg: PruneConfig, model_config: dict, where: str) -> None:
+    """Calibration sequences and evaluation windows must fit the positions the model was built for
+    (a learned position table past its end fails deep inside the forward with an IndexError)."""
+    found = context_length(model_config)
+    if found is None:
+        return
+    key, n = found
+    context = f"the model's context ({key} = {n} in {where})"
+    if cfg.calibration.seq_len > n:
+        raise ConfigError(f"calibration.seq_len: {cfg.calibration.seq_len} is longer than {context}; lower it, "
+                          f"e.g. --set calibration.seq_len={n}")  # fmt: skip
+    if cfg.eval.tokens and cfg.eval.window > n:
+        raise ConfigError(f"eval.window: {cfg.eval.window} is longer than {context}; lower it, e.g. "
+                          f"--set eval.window={n} --set eval.stride={min(cfg.eval.stride, n // 2)}")  # fmt: skip
+
+
 def calibration_batches(ids: torch.Tensor, cfg: PruneConfig, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
     import torch
 
@@ -55,6 +71,9 @@ def run_prune(cfg: PruneConfig, progress: bool = True, address: str | None = Non
     """Check everything cheap here, then prune in this process or on `cfg.workers` Ray workers."""
     out = Path(cfg.out).expanduser()
     check_model_folder(cfg.model, cfg.gguf_file, cfg.allow_pickle)
+    if cfg.gguf_file is None:  # a GGUF file carries its config inside: checked once loaded
+        folder = Path(cfg.model).expanduser()
+        check_context(cfg, read_model_config(folder), str(folder / "config.json"))
     if cfg.workers > 1:
         from scalesparse import launch
 
@@ -88,12 +107,16 @@ def _prune(cfg: PruneConfig, progress: bool) -> dict:
     from scalesparse.pruning.evaluate import perplexity
     from scalesparse.pruning.hf import find_blocks, load_causal_lm
 
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device: {cfg.device!r} but this machine has no CUDA device visible to torch; "
+                          f"use --device cpu")  # fmt: skip
     t0 = time.perf_counter()
     lead = comm.rank() == 0
     out = Path(cfg.out).expanduser()
     calib_text, eval_text = _text(cfg, cfg.calibration.docs), _text(cfg, cfg.eval.docs)
     model, tok = load_causal_lm(cfg.model, cfg.gguf_file, cfg.allow_pickle)
     find_blocks(model)  # unsupported architectures fail here, before any work
+    check_context(cfg, model.config.to_dict(), cfg.model)
     calib_ids = torch.tensor(tok(calib_text, add_special_tokens=False)["input_ids"])
     batches = calibration_batches(calib_ids, cfg, comm.rank(), comm.world_size())
     e = cfg.eval

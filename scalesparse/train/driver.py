@@ -11,6 +11,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,9 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
         print(f"resuming from {start}", flush=True)
     args = {"config": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "data": data.to_dict(),
             "resume": str(start.resolve()) if start else None,
-            "latest_at_launch": getattr(ckpt.latest_checkpoint(run_dir / "checkpoints"), "name", None)}  # fmt: skip
+            "latest_at_launch": getattr(ckpt.latest_checkpoint(run_dir / "checkpoints"), "name", None),
+            # piped or logged output gets one line per log step instead of a bar's every refresh
+            "progress_lines": not sys.stdout.isatty()}  # fmt: skip
     t0 = time.perf_counter()
     launch.run_workers(cfg, args, address=address)
     wall = time.perf_counter() - t0

@@ -52,6 +52,44 @@ def _tqdm_progress(total: int, desc: str) -> Progress:
     return tqdm(total=total, desc=desc, dynamic_ncols=True)
 
 
+class LineProgress:
+    """Progress for output that is not a terminal (`make demo | tee log`, a Ray Job's log): one plain
+    line every `every` steps and at the end, where a bar's every refresh would become a line of its own."""
+
+    def __init__(self, total: int, desc: str, every: int, out: Callable[[str], Any] | None = None) -> None:
+        self.total, self.desc, self.every = total, desc, max(1, every)
+        self.n, self.start_n, self.started, self.t0 = 0, 0, False, time.perf_counter()
+        self.out = out or (lambda line: print(line, flush=True))
+
+    def update(self, n: int = 1) -> None:
+        before, self.n = self.n, self.n + n
+        if not self.started:  # the loop's first call gives the starting step (> 0 after a resume)
+            self.started, self.start_n = True, self.n
+            return
+        if self.n // self.every > before // self.every or self.n == self.total:
+            self.out(self._line())
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        pass
+
+    def _line(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        done = self.n - self.start_n
+        eta = elapsed / done * (self.total - self.n) if done else float("nan")
+        return (f"{self.desc} | step {self.n}/{self.total} ({self.n / max(1, self.total):.0%}) | "
+                f"{_clock(elapsed)} elapsed, {_clock(eta)} left")  # fmt: skip
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # nan: nothing measured yet
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 @dataclass
 class TrainState:
     step: int = 0
@@ -275,9 +313,12 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
 
     logger = MetricsLogger(run_dir, rank == 0, cfg.logging.tensorboard, state.step if resume else None)
-    progress = None
+    progress: Progress | None = None
     if rank == 0 and cfg.logging.progress:
-        progress = (progress_factory or _tqdm_progress)(cfg.train.steps, cfg.name)
+        if args.get("progress_lines"):  # the driver's output is not a terminal
+            progress = LineProgress(cfg.train.steps, cfg.name, cfg.logging.log_every)
+        else:
+            progress = (progress_factory or _tqdm_progress)(cfg.train.steps, cfg.name)
         progress.update(state.step)
     tokens_per_step = cfg.train.global_batch_size * T
 

@@ -68,7 +68,7 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, small_data, spec,
 
 def find_chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "Debian's chromium is needed for the report screenshot (.ci/run installs it)"
+    assert found, "Debian's chromium is needed for the report screenshot (`make test` installs it as root)"
     return found
 
 

@@ -69,8 +69,8 @@ def test_bad_inputs_fail_before_work(exported, small_data, tmp_path, capsys):
     (busy / "keep.txt").write_text("mine")
     assert "exists and is not an empty folder" in err("--model", str(exported), "--out", str(busy))
     assert (busy / "keep.txt").read_text() == "mine"
-    assert "too few for seq_len" in err("--model", str(exported), "--out", str(tmp_path / "o3"), "--set",
-                                        "calibration.seq_len=100000000")  # fmt: skip
+    assert "calibration.seq_len: 100000000 is longer than the model's context (max_position_embeddings = 64" in err(
+        "--model", str(exported), "--out", str(tmp_path / "o3"), "--set", "calibration.seq_len=100000000")
     assert "sparsity: 1.0 is not allowed" in err("--model", str(exported), "--sparsity", "1.0")
     assert "pattern: '4:4' is not allowed; must satisfy 0 < N < M" in err("--model", str(exported), "--pattern", "4:4")
     empty = tmp_path / "noweights"
@@ -89,7 +89,8 @@ def test_the_driver_checks_and_hands_over_without_importing_torch(exported, tmp_
         "import sys\n"
         "from scalesparse.cli import main\n"
         f"rc = main(['prune', '--model', {str(exported)!r}, '--workers', '2', '--address', '127.0.0.1:9',"
-        f" '--out', {str(tmp_path / 'o')!r}])\n"
+        f" '--out', {str(tmp_path / 'o')!r}, '--set', 'calibration.seq_len=32', '--set', 'eval.window=64',"
+        " '--set', 'eval.stride=32'])\n"
         "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

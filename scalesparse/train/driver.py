@@ -22,6 +22,7 @@ from scalesparse.config import Config
 from scalesparse.data import PreparedData, prepare_data
 from scalesparse.errors import CheckpointError, ConfigError
 from scalesparse.train import checkpoint as ckpt
+from scalesparse.train import elastic
 from scalesparse.train.metrics import read_metrics
 
 
@@ -58,13 +59,17 @@ def resolve_resume(cfg: Config, resume: str | None, run_dir: Path, vocab: int) -
     return found
 
 
+# Keys of the compared sections that describe how the model is laid out over workers, not its shape
+LAYOUT_KEYS = {("moe", "expert_parallel")}
+
+
 def shape_mismatch(saved: dict[str, Any], cfg: Config, sections: list[str]) -> str | None:
     """The first `section.key` where a saved config differs from ours, as 'key = X there, Y here'."""
     ours = cfg.to_dict()
     for section in sections:
         there = saved.get(section, {})
         for key, want in ours[section].items():
-            if there.get(key) != want:
+            if (section, key) not in LAYOUT_KEYS and there.get(key) != want:
                 return f"{section}.{key} = {there.get(key)!r} there, {want!r} here"
     return None
 
@@ -77,13 +82,20 @@ def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path
         raise CheckpointError(f"{where}: written for another model shape ({mismatch})")
     if state["vocab_size"] != vocab:
         raise CheckpointError(f"{where}: vocabulary of {state['vocab_size']} tokens, the data has {vocab}")
-    if state["world_size"] != cfg.parallel.workers or state["zero_stage"] != cfg.parallel.zero_stage:
+    if elastic.layout(state) == elastic.layout_of(cfg):
+        return
+    if "elastic" not in state:  # written before checkpoints carried layout-free shards
         raise CheckpointError(
-            f"{where}: written by {state['world_size']} workers with ZeRO-{state['zero_stage']}; resume "
-            f"with parallel.workers={state['world_size']} parallel.zero_stage={state['zero_stage']}, or convert: "
-            f"`scalesparse export {where} --out DIR`, then start a new run with --set train.init_from=DIR "
-            f"(weights carried over; optimizer state and data order restart)"
+            f"{where}: written by {state['world_size']} workers with ZeRO-{state['zero_stage']} by an older "
+            f"scalesparse; resume with parallel.workers={state['world_size']} parallel.zero_stage={state['zero_stage']}"
+            f", or convert: `scalesparse export {where} --out DIR`, then start a new run with --set "
+            f"train.init_from=DIR (weights carried over; optimizer state and data order restart)"
         )
+    print(f"resume: reshaping {elastic.describe(elastic.layout(state))} → {elastic.describe(elastic.layout_of(cfg))}"
+          f": weights, Adam moments, step, "
+          f"data position" + (", sparsity masks and schedule" if cfg.sparsity.method != "none" else "")
+          + (", experts" if cfg.model.mlp == "moe" else "") + " carry over; per-rank random streams (dropout, "
+          "router jitter) restart from the seed", flush=True)  # fmt: skip
 
 
 def check_init_from(cfg: Config, vocab: int) -> None:

@@ -147,20 +147,24 @@ def sparse_views(engine, layers: dict[str, nn.Module], with_grads: bool) -> list
     there steer the step, which then copies the master weights back into every rank's working
     weights (ZeRO-1/2 all-gather them, ZeRO-3 writes the partition that forward gathers).
     """
+    return param_views(engine, {name: layer.weight for name, layer in layers.items()}, with_grads)
+
+
+def param_views(engine, params: dict[str, nn.Parameter], with_grads: bool = False) -> list:
+    """For each parameter, the slice this rank owns of its flattened fp32 master copy, with its Adam
+    moments (exp_avg, exp_avg_sq, in that order, once they exist) and optionally its reduced gradient,
+    all live views: a LayerView (name, full shape, start offset, slices). ZeRO-0: whole tensors."""
     from scalesparse import comm
     from scalesparse.sparsity.base import LayerView
 
     stage = engine.zero_optimization_stage()
     views = []
-    for name, layer in sorted(layers.items()):
-        p = layer.weight
+    for name, p in sorted(params.items()):
         shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-        numel = shape[0] * shape[1]
+        numel = math.prod(shape)
         if stage == 3:
             opt = p._z3_optimizer
-            part = p.ds_tensor.ds_numel if hasattr(p.ds_tensor, "ds_numel") else p.ds_tensor.numel()
-            start = min(numel, comm.rank() * part)
-            length = max(0, min(part, numel - start))  # the last partition is zero-padded
+            start, length = _z3_local_range(p, numel, comm.rank())
 
             def local(t, length=length):
                 return t.view(-1).narrow(0, 0, length)
@@ -168,7 +172,7 @@ def sparse_views(engine, layers: dict[str, nn.Module], with_grads: bool) -> list
             weight = local(opt.get_local_fp32_param(p))
             states = [local(opt.get_local_fp32_param(p, k)) for k in _adam_keys(engine, p)]
             grad = local(opt.get_local_fp32_grad_for_param(p)) if with_grads else None
-        elif stage in (1, 2):
+        elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2 (and DeepSpeed's bf16 optimizer): fp32 fragments
             m = p._hp_mapping
             if m is None:  # this rank owns no part of this weight
                 empty = torch.empty(0)
@@ -176,17 +180,111 @@ def sparse_views(engine, layers: dict[str, nn.Module], with_grads: bool) -> list
                 continue
             start = m.lp_fragment_address.start
             weight = m.get_hp_fragment().view(-1)
-            states = [m.get_hp_fragment(k).view(-1) for k in (m.optim_fragment or {}) if k in ("exp_avg", "exp_avg_sq")]
+            states = _fragment_states(engine, m)
             grad = _zero12_grad_fragment(p) if with_grads else None
         else:  # ZeRO-0: whole tensors, torch optimizer state
             start, weight = 0, p.data.view(-1)
             state = engine.optimizer.state.get(p, {}) if hasattr(engine.optimizer, "state") else {}
-            states = [state[k].view(-1) for k in ("exp_avg", "exp_avg_sq") if k in state]
+            states = [state[k].view(-1) for k in ADAM_KEYS if k in state]
             grad = p.grad.view(-1) if with_grads and p.grad is not None else None
         # detached views share storage (edits land) without autograd refusing in-place writes to leaves
         views.append(LayerView(name, shape, start, weight.detach(), None if grad is None else grad.detach(),
                                [t.detach() for t in states]))  # fmt: skip
     return views
+
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _fragment_states(engine, m) -> list[torch.Tensor]:
+    """ZeRO-1/2: this fragment's Adam moments, sliced from the flat partition's optimizer state.
+
+    Not `m.optim_fragment`: DeepSpeed 0.19.8 links those after the first parameter group's first
+    step, before the second group has any state, so they stay empty for the no-decay group."""
+    opt = engine.optimizer
+    flats = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
+    state = _inner_optimizer(engine).state.get(flats[m.param_group_index], {})
+    a = m.hp_fragment_address
+    return [state[k].narrow(0, a.start, a.numel) for k in ADAM_KEYS if k in state]
+
+
+def _z3_local_range(p: nn.Parameter, numel: int, rank: int) -> tuple[int, int]:
+    """ZeRO-3: rank r holds elements [r·part, (r+1)·part) of the flattened parameter; the last
+    partition is zero-padded, so its real length can be shorter (or 0)."""
+    part = p.ds_tensor.ds_numel if hasattr(p.ds_tensor, "ds_numel") else p.ds_tensor.numel()
+    start = min(numel, rank * part)
+    return start, max(0, min(part, numel - start))
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW doing the arithmetic (DeepSpeed's ZeRO optimizers wrap it as `.optimizer`)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def adam_step(engine) -> int | None:
+    """Optimizer steps Adam has taken (its bias correction depends on it); None before the first."""
+    for state in _inner_optimizer(engine).state.values():
+        if "step" in state:
+            return int(state["step"])
+    return None
+
+
+def prepare_optimizer_state(engine, step: int) -> None:
+    """Create Adam's state before the first step, as torch would at that step (zero moments), with
+    its step count set to `step`, and link DeepSpeed's per-parameter views onto it; a resume then
+    writes the saved moments through `param_views`. (torch creates the state lazily in `step()`.)"""
+    inner = _inner_optimizer(engine)
+    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
+    for p in _optimized_tensors(engine):
+        state = inner.state[p]
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:  # ZeRO-1/2: per-parameter fragments of the flat state, made on first step
+        link()
+
+
+def _optimized_tensors(engine) -> list[torch.Tensor]:
+    """The tensors Adam keeps state for: DeepSpeed's flat fp32 partitions (ZeRO-3 hands them to the
+    optimizer one sub-group at a time, so its param_groups are empty between steps), else the params."""
+    opt = engine.optimizer
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flats = getattr(opt, attr, None)
+        if flats:
+            return list(flats)
+    return [p for group in _inner_optimizer(engine).param_groups for p in group["params"]]
+
+
+def write_working_weights(engine, params: dict[str, nn.Parameter], read) -> None:
+    """After the fp32 master copies were loaded: put the same values into the weights forward uses.
+    `read(name, start, length)` returns elements [start, start + length) of the flattened weight.
+
+    ZeRO-0 trains on the master weights themselves. ZeRO-1/2 keep the full working weights on every
+    rank (bf16 or fp32). ZeRO-3 keeps this rank's partition in `ds_tensor`, and small "persistent"
+    parameters also stay gathered in full (DeepSpeed refreshes them only after a step)."""
+    from scalesparse import comm
+
+    stage = engine.zero_optimization_stage()
+    with torch.no_grad():
+        for name, p in params.items():
+            if stage == 3:
+                numel = p.ds_numel
+                start, length = _z3_local_range(p, numel, comm.rank())
+                if length:
+                    p.ds_tensor.view(-1).narrow(0, 0, length).copy_(read(name, start, length))
+                if p.data.numel() == numel:
+                    p.data.copy_(read(name, 0, numel).view_as(p.data))
+            elif hasattr(p, "_hp_mapping"):
+                p.data.copy_(read(name, 0, p.numel()).view_as(p.data))
+
+
+def set_progress_counters(engine, step: int, samples: int) -> None:
+    """DeepSpeed's own step and sample counters, as its load_checkpoint would restore them."""
+    engine.global_steps = step
+    engine.global_samples = samples
 
 
 def _zero12_grad_fragment(p: nn.Parameter) -> torch.Tensor:
@@ -212,6 +310,5 @@ def local_grads(engine) -> tuple[list[torch.Tensor], bool]:
 
 
 def _adam_keys(engine, p) -> list[str]:
-    opt = engine.optimizer
-    state = getattr(opt, "optimizer", opt).state
-    return [k for k in ("exp_avg", "exp_avg_sq") if any(k in s for s in state.values())]
+    state = _inner_optimizer(engine).state
+    return [k for k in ADAM_KEYS if any(k in s for s in state.values())]

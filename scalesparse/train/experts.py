@@ -24,7 +24,7 @@ from scalesparse import comm
 from scalesparse.config import Config
 from scalesparse.errors import CheckpointError
 from scalesparse.model.moe.expert_parallel import shard_experts
-from scalesparse.train.engine import local_grads
+from scalesparse.train.engine import ADAM_KEYS, local_grads
 
 
 def shard_file(rank: int) -> str:
@@ -95,6 +95,18 @@ class ExpertParallel:
                          if f"optim/{key}/{name}" in tensors}  # fmt: skip
                 if state:
                     self.optimizer.state[p] = state
+
+    def load_slices(self, read, adam_step: int) -> None:
+        """Load this rank's experts from a checkpoint of any layout (elastic resume): `read(name, what,
+        start, length)` gives elements of the flattened full tensor; this rank's experts are a
+        contiguous run of it."""
+        with torch.no_grad():
+            for name, p in self.params.items():
+                n = p.numel()
+                start = self.rank * n
+                p.copy_(read(name, "weight", start, n).view_as(p))
+                state = {key: read(name, key, start, n).view_as(p).clone() for key in ADAM_KEYS}
+                self.optimizer.state[p] = {"step": torch.tensor(float(adam_step)), **state}
 
 
 def consolidate_experts(folder: Path) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from scalesparse import comm
 from scalesparse.config import Config, config_from_dict
 from scalesparse.data import BatchSchedule, PreparedData, TokenBlocks, rank_slice
 from scalesparse.train import checkpoint as ckpt
+from scalesparse.train import elastic
 from scalesparse.train.engine import (
     build_engine,
     expert_parallel,
@@ -124,28 +125,39 @@ def save_checkpoint(checkpointer: ckpt.Checkpointer, engine, cfg: Config, state:
         shard = local_model_shard(engine)
         if shard is not None:
             save_file(shard[0], str(folder / f"model_rank{rank}.safetensors"), metadata=shard[1])
+        elastic.save_state(folder, engine)  # layout-free: resumable on any worker count / ZeRO stage
         if rank == 0:  # a checkpoint is self-contained: export needs no corpus cache
             shutil.copy(data.tokenizer_path, folder / "tokenizer.json")
             if sparsity is not None:  # masks are identical on every rank: one copy, bit-packed
                 save_file(sparsity.sparsifier.state_dict(), str(folder / "sparsity.safetensors"))
 
-    meta = {"format": 1, "step": state.step, "samples_seen": state.samples_seen, "vocab_size": data.vocab_size,
+    meta = {"format": 1, "elastic": elastic.FORMAT,
+            "step": state.step, "samples_seen": state.samples_seen, "vocab_size": data.vocab_size,
             "world_size": comm.world_size(), "zero_stage": cfg.parallel.zero_stage,
             "config": cfg.to_dict(), "saved_at": time.time()}  # fmt: skip
     return checkpointer.save(state.step, write_shards, meta)
 
 
-def load_checkpoint(engine, folder: Path, sparsity: DST | None = None,
+def reshaped(meta: dict[str, Any], cfg: Config) -> bool:
+    """Was this checkpoint written by another worker count, ZeRO stage or expert-parallel degree?"""
+    return elastic.layout(meta) != elastic.layout_of(cfg)
+
+
+def load_checkpoint(engine, folder: Path, cfg: Config, sparsity: DST | None = None,
                     experts: ExpertParallel | None = None) -> TrainState:  # fmt: skip
     meta = ckpt.read_state(folder)
-    if experts is not None:
-        experts.load(folder)
-    if sparsity is not None:
+    if sparsity is not None:  # masks are the same on every rank and for every layout
         sparsity.sparsifier.load_state_dict(load_file(str(folder / "sparsity.safetensors")))
-    load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True)
-    if load_path is None:
-        raise ckpt.CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
-    _set_rng_state(load_file(str(folder / f"rng_rank{comm.rank()}.safetensors")))
+    if reshaped(meta, cfg):  # another worker count / ZeRO stage: our layout-free shards
+        elastic.load_state(folder, engine, meta["step"], meta["samples_seen"], experts)
+        elastic.reseed(cfg.seed, meta["step"], comm.rank())
+    else:  # the layout that wrote it: DeepSpeed's own shards, and each rank's RNG state
+        if experts is not None:
+            experts.load(folder)
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True)
+        if load_path is None:
+            raise ckpt.CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint")
+        _set_rng_state(load_file(str(folder / f"rng_rank{comm.rank()}.safetensors")))
     return TrainState(step=meta["step"], samples_seen=meta["samples_seen"])
 
 
@@ -308,7 +320,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
 
     state = TrainState()
     if resume is not None:
-        state = load_checkpoint(engine, resume, dst, experts)
+        state = load_checkpoint(engine, resume, cfg, dst, experts)
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
 

@@ -12,6 +12,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,10 @@ def worker_info(run_dir: Path, rank: int) -> dict | None:
         return None
 
 
-def kill_worker_when(run_dir: Path, rank: int, after_checkpoint: int, after_step: int,
-                     timeout_s: float = 300.0) -> tuple[threading.Thread, Kill]:  # fmt: skip
-    """Start a thread that SIGKILLs `rank` once checkpoint `after_checkpoint` is complete and rank 0
-    has logged `after_step` (so some work past the checkpoint is lost and must be redone)."""
-    kill = Kill(rank)
+def when_run_reaches(run_dir: Path, after_checkpoint: int, after_step: int, action: Callable[[int, str], None],
+                     timeout_s: float = 300.0) -> threading.Thread:  # fmt: skip
+    """Start a thread that calls `action(last_step, latest_checkpoint)` once checkpoint `after_checkpoint`
+    is complete and rank 0 has logged `after_step` (so some work past the checkpoint is lost)."""
     want = ckpt.tag_for(after_checkpoint)
 
     def watch() -> None:
@@ -50,18 +50,31 @@ def kill_worker_when(run_dir: Path, rank: int, after_checkpoint: int, after_step
         while time.time() < deadline:
             latest = (root / ckpt.LATEST).read_text().strip() if (root / ckpt.LATEST).is_file() else None
             steps = [r["step"] for r in read_metrics(run_dir) if "loss" in r]
-            info = worker_info(run_dir, rank)
-            if latest and latest >= want and steps and steps[-1] >= after_step and info:
-                if info["host"] != socket.gethostname():
-                    raise RuntimeError(f"rank {rank} runs on {info['host']}, not on this host")
-                kill.pid, kill.at_step, kill.checkpoint, kill.time = info["pid"], steps[-1], latest, time.time()
-                os.kill(info["pid"], signal.SIGKILL)
+            if latest and latest >= want and steps and steps[-1] >= after_step and action(steps[-1], latest):
                 return
             time.sleep(0.01)
 
-    thread = threading.Thread(target=watch, daemon=True, name=f"kill-rank{rank}")
+    thread = threading.Thread(target=watch, daemon=True, name="chaos")
     thread.start()
-    return thread, kill
+    return thread
+
+
+def kill_worker_when(run_dir: Path, rank: int, after_checkpoint: int, after_step: int,
+                     timeout_s: float = 300.0) -> tuple[threading.Thread, Kill]:  # fmt: skip
+    """SIGKILL `rank` once checkpoint `after_checkpoint` is complete and rank 0 has logged `after_step`."""
+    kill = Kill(rank)
+
+    def act(step: int, latest: str) -> bool:
+        info = worker_info(run_dir, rank)
+        if not info:
+            return False
+        if info["host"] != socket.gethostname():
+            raise RuntimeError(f"rank {rank} runs on {info['host']}, not on this host")
+        kill.pid, kill.at_step, kill.checkpoint, kill.time = info["pid"], step, latest, time.time()
+        os.kill(info["pid"], signal.SIGKILL)
+        return True
+
+    return when_run_reaches(run_dir, after_checkpoint, after_step, act, timeout_s), kill
 
 
 def recovery_times(run_dir: Path, kill: Kill) -> dict[str, float]:

@@ -312,9 +312,15 @@ class LoggingConfig:
 class FaultToleranceConfig:
     max_failures: int = 0
     """Worker-group restarts allowed (Ray Train FailureConfig); a restart resumes from the latest checkpoint."""
+    elastic: bool = False
+    """When a lost worker group cannot be restarted at full size within restart_timeout_s (a node is
+    gone), continue on the workers the cluster still has, from the latest complete checkpoint."""
+    restart_timeout_s: float = 60.0
+    """With elastic: how long a restart waits for its workers' resources before it shrinks."""
 
     def _checks(self) -> Iterator[Problem]:
         yield from _non_negative(self, "max_failures")
+        yield from _positive(self, "restart_timeout_s")
 
 
 @dataclass(frozen=True)

@@ -146,19 +146,24 @@ def _record_worker(run_dir: Path) -> None:
 def run_workers(cfg: Config, args: dict[str, Any], address: str | None = None,
                 entry: Callable[[dict[str, Any]], None] = _worker_entry) -> None:  # fmt: skip
     """Run a training `entry(args)` on cfg.parallel.workers Ray Train workers."""
+    ft = cfg.fault_tolerance
     run_on_workers(
         entry, args, workers=cfg.parallel.workers, cpus_per_worker=cfg.resources.cpus_per_worker,
         gpus_per_worker=cfg.resources.gpus_per_worker, placement=cfg.resources.placement,
         backend=cfg.parallel.backend, storage=Path(args["run_dir"]) / "ray", name=cfg.name,
-        max_failures=cfg.fault_tolerance.max_failures, address=address,
+        max_failures=ft.max_failures, address=address, start_timeout_s=ft.restart_timeout_s if ft.elastic else None,
     )  # fmt: skip
 
 
 def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any], *, workers: int,
                    cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, placement: str = "PACK",
                    backend: str = "auto", storage: Path, name: str, max_failures: int = 0,
-                   address: str | None = None) -> None:  # fmt: skip
-    """Run `entry(args)` on `workers` Ray Train workers that share a torch process group."""
+                   address: str | None = None, start_timeout_s: float | None = None) -> None:  # fmt: skip
+    """Run `entry(args)` on `workers` Ray Train workers that share a torch process group.
+
+    `start_timeout_s`: give up (raise) when a worker group cannot get its resources within that
+    time, instead of Ray Train's default of waiting and retrying forever; the caller can then
+    continue on fewer workers (fault_tolerance.elastic)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -170,6 +175,12 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
     gpu = gpus_per_worker > 0
     backend = backend if backend != "auto" else ("nccl" if gpu else "gloo")
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}
+    failure = FailureConfig(max_failures=max_failures)
+    timeout_var = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+    saved_timeout = os.environ.get(timeout_var)
+    if start_timeout_s is not None:  # read by Ray Train's controller, which the driver passes it to
+        os.environ[timeout_var] = str(start_timeout_s)
+        failure = FailureConfig(max_failures=max_failures, controller_failure_limit=0)
     trainer = TorchTrainer(
         entry,
         train_loop_config=args,
@@ -179,13 +190,35 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
         run_config=RunConfig(
             name=_unique(name),
             storage_path=str(Path(storage).resolve()),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=failure,
         ),
     )
     try:
         trainer.fit()
     except TrainingFailedError as e:
         raise ScalesparseError(f"{name} failed on the workers: {_root_cause(e)}") from e
+    finally:
+        if saved_timeout is None:
+            os.environ.pop(timeout_var, None)
+        else:
+            os.environ[timeout_var] = saved_timeout
+
+
+def worker_slots(cpus_per_worker: float, gpus_per_worker: float = 0.0, address: str | None = None) -> int:
+    """How many workers of this size the cluster's live nodes hold in all (busy or not)."""
+    _connect(address)
+    import ray
+
+    slots = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fit = int(have.get("CPU", 0.0) // cpus_per_worker) if cpus_per_worker > 0 else 1 << 30
+        if gpus_per_worker > 0:
+            fit = min(fit, int(have.get("GPU", 0.0) // gpus_per_worker))
+        slots += fit
+    return slots
 
 
 PLACEMENT_TIMEOUT_S = 300.0  # room for an autoscaler to add nodes; then a clear error, not a hang

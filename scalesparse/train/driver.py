@@ -20,7 +20,7 @@ import torch
 
 from scalesparse.config import Config
 from scalesparse.data import PreparedData, prepare_data
-from scalesparse.errors import CheckpointError, ConfigError
+from scalesparse.errors import CheckpointError, ConfigError, ScalesparseError
 from scalesparse.train import checkpoint as ckpt
 from scalesparse.train import elastic
 from scalesparse.train.metrics import read_metrics
@@ -115,6 +115,42 @@ def check_init_from(cfg: Config, vocab: int) -> None:
                           f"the data {vocab}")
 
 
+def run_elastic(cfg: Config, args: dict[str, Any], run_dir: Path, address: str | None) -> list[dict[str, Any]]:
+    """Run the workers; with fault_tolerance.elastic, when the group failed and the cluster no longer
+    holds it at full size, continue on fewer workers from the latest complete checkpoint (reshaped,
+    train/elastic.py), as often as it takes. Returns one record per shrink."""
+    from scalesparse import launch
+
+    shrunk: list[dict[str, Any]] = []
+    while True:
+        try:
+            launch.run_workers(cfg, args, address=address)
+            return shrunk
+        except ScalesparseError as e:
+            if not cfg.fault_tolerance.elastic:
+                raise
+            r = cfg.resources
+            slots = launch.worker_slots(r.cpus_per_worker, r.gpus_per_worker, address)
+            if slots >= cfg.parallel.workers:  # not a lost node: a failure that fewer workers would repeat
+                raise
+            latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+            smaller = elastic.shrink(cfg, slots)
+            if latest is None or smaller is None:
+                raise ScalesparseError(f"{e}; the cluster now holds {slots} of {cfg.parallel.workers} workers and "
+                                       + ("there is no checkpoint to continue from" if latest is None else
+                                          "no smaller worker count divides the global batch")) from e  # fmt: skip
+            error = str(e)
+        record = {"from_workers": cfg.parallel.workers, "to_workers": smaller.parallel.workers,
+                  "checkpoint": latest.name, "time": time.time(), "error": error}  # fmt: skip
+        print(f"fault tolerance: {cfg.parallel.workers} workers cannot be restarted (the cluster holds {slots}); "
+              f"continuing on {smaller.parallel.workers} from {latest}", flush=True)  # fmt: skip
+        check_compatible(ckpt.read_state(latest), smaller, args["data"]["vocab_size"], latest)  # prints the reshape
+        shrunk.append(record)
+        cfg = smaller
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        args = {**args, "config": cfg.to_dict(), "resume": str(latest.resolve()), "latest_at_launch": latest.name}
+
+
 def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
     from scalesparse.model import GPT, active_params, count_flops_per_token
 
@@ -185,7 +221,7 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
             # piped or logged output gets one line per log step instead of a bar's every refresh
             "progress_lines": not sys.stdout.isatty()}  # fmt: skip
     t0 = time.perf_counter()
-    launch.run_workers(cfg, args, address=address)
+    shrunk = run_elastic(cfg, args, run_dir, address)
     wall = time.perf_counter() - t0
 
     records = read_metrics(run_dir)
@@ -201,6 +237,7 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
         "tokens_per_s": statistics.mean(rates[1:] or rates) if rates else math.nan,
         "peak_mem_mb": max((r["peak_mem_mb"] for r in steps if "peak_mem_mb" in r), default=math.nan),
         **s,
+        **({"workers_lost": shrunk} if shrunk else {}),
     }
     try:
         from scalesparse.report.curves import plot_expert_load, plot_loss_curve, plot_sparsity

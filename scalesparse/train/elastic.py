@@ -206,6 +206,23 @@ def describe(lay: tuple[int, int, int]) -> str:
     return f"{workers} worker{'s' if workers > 1 else ''} ZeRO-{stage}" + (f" EP-{ep}" if ep > 1 else "")
 
 
+def shrink(cfg: Config, slots: int) -> Config | None:
+    """The same run on the most workers, fewer than now and at most `slots`, that keep the global batch
+    whole (and, with expert parallelism, the experts evenly split); None when there is no such count."""
+    from scalesparse.config import config_from_dict
+
+    t = cfg.train
+    for m in range(min(cfg.parallel.workers - 1, slots), 0, -1):
+        if t.global_batch_size % (t.micro_batch_size * m):
+            continue
+        data = cfg.to_dict()
+        data["parallel"]["workers"] = m
+        if cfg.model.mlp == "moe" and cfg.moe.expert_parallel > 1:  # the EP group is all workers
+            data["moe"]["expert_parallel"] = m if cfg.moe.num_experts % m == 0 else 1
+        return config_from_dict(data)
+    return None
+
+
 def reseed(seed: int, step: int, rank: int) -> None:
     """Per-rank random streams for a reshaped resume: new, but reproducible from (seed, step, rank)."""
     torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank + 1)

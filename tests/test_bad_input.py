@@ -88,7 +88,7 @@ CASES = {
     "train: checkpoint of another shape": (
         lambda c: (fake_checkpoint(c.tmp / "run", c.data, d_model=128), ["train", c.config(), "--resume", "auto"])[1],
         "another model shape (model.d_model = 128 there, 64 here)"),
-    "train: other worker count": (
+    "train: old checkpoint, other layout": (
         lambda c: (fake_checkpoint(c.tmp / "run", c.data), ["train", c.config(parallel={"workers": 1}), "--resume",
                                                             "auto"])[1],  # fmt: skip
         "train.init_from=DIR"),

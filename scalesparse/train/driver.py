@@ -91,11 +91,13 @@ def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path
             f", or convert: `scalesparse export {where} --out DIR`, then start a new run with --set "
             f"train.init_from=DIR (weights carried over; optimizer state and data order restart)"
         )
-    print(f"resume: reshaping {elastic.describe(elastic.layout(state))} → {elastic.describe(elastic.layout_of(cfg))}"
-          f": weights, Adam moments, step, "
-          f"data position" + (", sparsity masks and schedule" if cfg.sparsity.method != "none" else "")
-          + (", experts" if cfg.model.mlp == "moe" else "") + " carry over; per-rank random streams (dropout, "
-          "router jitter) restart from the seed", flush=True)  # fmt: skip
+    carried = ["weights", "Adam moments", "step", "data position"] + (
+        ["sparsity masks and schedule"] if cfg.sparsity.method != "none" else []) + (
+        ["experts"] if cfg.model.mlp == "moe" else [])
+    lost = ("" if state["world_size"] == cfg.parallel.workers else
+            "; per-rank random streams (dropout, router jitter) restart from (seed, step, rank)")
+    print(f"resume: reshaping {elastic.describe(elastic.layout(state))} → {elastic.describe(elastic.layout_of(cfg))}: "
+          f"{', '.join(carried)} carry over{lost}", flush=True)  # fmt: skip
 
 
 def check_init_from(cfg: Config, vocab: int) -> None:

@@ -14,7 +14,7 @@ it. Expert-parallel experts are already saved this way, per rank, as slices alon
 dimension (`experts_rank{r}.safetensors`, see train/experts.py); the reader indexes both kinds.
 
 A reshaped resume builds the new engine as for a fresh run, creates Adam's state, and each rank
-reads just the elements its new slices cover (safetensors reads slices without loading the file).
+reads just the bytes of the elements its new slices cover.
 The step, data position and DST masks do not depend on the worker count; the global batch is fixed
 and the data order depends only on the seed, so the resumed run sees exactly the batches the
 original would have. Per-rank random streams (dropout, router jitter) cannot be carried over to a
@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from scalesparse import comm
@@ -60,6 +60,9 @@ def _key(name: str, what: str) -> str:
 def save_state(folder: Path, engine) -> None:
     """This rank's slices of every parameter DeepSpeed trains, with their Adam moments."""
     params = dict(engine.module.named_parameters())
+    replicated = engine.zero_optimization_stage() == 0 and not any(hasattr(p, "_hp_mapping") for p in params.values())
+    if replicated and comm.rank() != 0:
+        return  # every rank holds the same full tensors: one copy is enough
     tensors: dict[str, torch.Tensor] = {}
     slices: dict[str, list[Any]] = {}
     for v in param_views(engine, params):
@@ -69,19 +72,52 @@ def save_state(folder: Path, engine) -> None:
         for what, t in zip(ADAM_KEYS, v.states):
             tensors[_key(v.name, what)] = t.detach().float().cpu().clone()
         slices[v.name] = [v.start, list(v.shape)]
-    replicated = engine.zero_optimization_stage() == 0 and not any(hasattr(p, "_hp_mapping") for p in params.values())
-    if replicated and comm.rank() != 0:
-        return  # every rank holds the same full tensors: one copy is enough
     step = adam_step(engine)
     meta = {"format": FORMAT, "adam_step": str(step if step is not None else 0), "slices": json.dumps(slices)}
     save_file(tensors, str(folder / state_file(comm.rank())), metadata=meta)
 
 
+# safetensors dtype names → torch dtypes (what checkpoints of fp32 or bf16 training hold)
+DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class _File:
+    """A safetensors file read by byte ranges: its JSON header once, then exactly the bytes asked for.
+
+    Not safetensors' own mmap: every page a resume touches would stay resident while the file is
+    open and count in the worker's memory (measured: +0.5 GB on a 60M-parameter model)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, dict[str, Any]] = header
+        self.base = 8 + size
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the tensor `key`, flattened (row-major, as stored)."""
+        entry = self.entries[key]
+        dtype = DTYPES[entry["dtype"]]
+        item = torch.empty((), dtype=dtype).element_size()
+        buf = bytearray((hi - lo) * item)
+        with open(self.path, "rb") as f:
+            f.seek(self.base + entry["data_offsets"][0] + lo * item)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path}: {key} is truncated")
+        return torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class _Piece:
-    file: Path
+    file: _File
     key: str
     start: int
+    """Offset of the stored elements in the flattened full tensor."""
     length: int
 
 
@@ -99,45 +135,34 @@ class StateReader:
             raise CheckpointError(f"{folder}: no state_rank*.safetensors (written before checkpoints could be "
                                   f"reshaped); resume it on the worker count and ZeRO stage that wrote it")  # fmt: skip
         for path in files:
-            self._index_state(path)
+            self._index_state(_File(path))
         for path in sorted(folder.glob("experts_rank*.safetensors")):
-            self._index_experts(path)
-        self._handles: dict[Path, Any] = {}
+            self._index_experts(_File(path))
 
-    def _index_state(self, path: Path) -> None:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"{path}: not a {FORMAT} file")
-            self.adam_step = int(meta["adam_step"])
-            for name, (start, shape) in json.loads(meta["slices"]).items():
-                self.shapes[name] = tuple(shape)
-                for what in (WEIGHT, *ADAM_KEYS):
-                    key = _key(name, what)
-                    if key in f.keys():
-                        length = f.get_slice(key).get_shape()[0]
-                        self.pieces.setdefault((name, what), []).append(_Piece(path, key, start, length))
+    def _index_state(self, f: _File) -> None:
+        if f.metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{f.path}: not a {FORMAT} file")
+        self.adam_step = int(f.metadata["adam_step"])
+        for name, (start, shape) in json.loads(f.metadata["slices"]).items():
+            self.shapes[name] = tuple(shape)
+            for what in (WEIGHT, *ADAM_KEYS):
+                key = _key(name, what)
+                if key in f.entries:
+                    self.pieces.setdefault((name, what), []).append(_Piece(f, key, start, f.shape(key)[0]))
 
-    def _index_experts(self, path: Path) -> None:
+    def _index_experts(self, f: _File) -> None:
         """experts_rank{r}: rank r's experts [r·E/P, (r+1)·E/P), a contiguous run of the flattened tensor."""
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            rank, size = int(meta["ep_rank"]), int(meta["ep_size"])
-            for key in f.keys():
-                if key.startswith("optim/"):
-                    continue
-                local = tuple(f.get_slice(key).get_shape())
-                n = math.prod(local)
-                self.shapes[key] = (local[0] * size, *local[1:])
-                for what in (WEIGHT, *ADAM_KEYS):
-                    stored = key if what == WEIGHT else f"optim/{what}/{key}"
-                    if stored in f.keys():
-                        self.pieces.setdefault((key, what), []).append(_Piece(path, stored, rank * n, n))
-
-    def _open(self, path: Path):
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), "pt")
-        return self._handles[path]
+        rank, size = int(f.metadata["ep_rank"]), int(f.metadata["ep_size"])
+        for key in f.entries:
+            if key.startswith("optim/"):
+                continue
+            local = f.shape(key)
+            n = math.prod(local)
+            self.shapes[key] = (local[0] * size, *local[1:])
+            for what in (WEIGHT, *ADAM_KEYS):
+                stored = key if what == WEIGHT else f"optim/{what}/{key}"
+                if stored in f.entries:
+                    self.pieces.setdefault((key, what), []).append(_Piece(f, stored, rank * n, n))
 
     def read(self, name: str, what: str, start: int, length: int) -> torch.Tensor:
         """Elements [start, start + length) of the flattened `what` (weight or a moment) of `name`, fp32."""
@@ -145,14 +170,9 @@ class StateReader:
         covered = 0
         for piece in self.pieces.get((name, what), []):
             lo, hi = max(start, piece.start), min(start + length, piece.start + piece.length)
-            if lo >= hi:
-                continue
-            flat = self._open(piece.file).get_slice(piece.key)
-            chunk = flat[lo - piece.start : hi - piece.start] if len(flat.get_shape()) == 1 else None
-            if chunk is None:  # an expert slice is stored in its own shape: flatten it
-                chunk = self._open(piece.file).get_tensor(piece.key).view(-1)[lo - piece.start : hi - piece.start]
-            out[lo - start : hi - start] = chunk.float()
-            covered += hi - lo
+            if lo < hi:
+                out[lo - start : hi - start] = piece.file.read_flat(piece.key, lo - piece.start, hi - piece.start)
+                covered += hi - lo
         if covered != length:
             raise CheckpointError(f"{self.folder}: {what} of {name} is incomplete (elements {start}..{start + length} "
                                   f"not all saved)")  # fmt: skip
@@ -163,32 +183,26 @@ class StateReader:
         if missing:
             raise CheckpointError(f"{self.folder}: no saved state for {missing[0]} ({len(missing)} parameters missing)")
 
-    def close(self) -> None:
-        self._handles.clear()
-
 
 def load_state(folder: Path, engine, step: int, samples: int, experts=None) -> None:
     """Put a checkpoint written by any worker count / ZeRO stage into this rank's freshly built engine
     (and expert-parallel experts): master weights, Adam moments and step, working weights."""
     reader = StateReader(folder)
-    try:
-        params = dict(engine.module.named_parameters())
-        reader.check_names(set(params) | set(experts.params if experts is not None else ()))
-        prepare_optimizer_state(engine, reader.adam_step or 0)
-        with torch.no_grad():
-            for v in param_views(engine, params):
-                n = v.weight.numel()
-                if n == 0:
-                    continue
-                v.weight.copy_(reader.read(v.name, WEIGHT, v.start, n))
-                for what, t in zip(ADAM_KEYS, v.states):
-                    t.copy_(reader.read(v.name, what, v.start, n))
-        write_working_weights(engine, params, lambda name, start, n: reader.read(name, WEIGHT, start, n))
-        if experts is not None:
-            experts.load_slices(reader.read, reader.adam_step or 0)
-        set_progress_counters(engine, step, samples)
-    finally:
-        reader.close()
+    params = dict(engine.module.named_parameters())
+    reader.check_names(set(params) | set(experts.params if experts is not None else ()))
+    prepare_optimizer_state(engine, reader.adam_step or 0)
+    with torch.no_grad():
+        for v in param_views(engine, params):
+            n = v.weight.numel()
+            if n == 0:
+                continue
+            v.weight.copy_(reader.read(v.name, WEIGHT, v.start, n))
+            for what, t in zip(ADAM_KEYS, v.states):
+                t.copy_(reader.read(v.name, what, v.start, n))
+    write_working_weights(engine, params, lambda name, start, n: reader.read(name, WEIGHT, start, n))
+    if experts is not None:
+        experts.load_slices(reader.read, reader.adam_step or 0)
+    set_progress_counters(engine, step, samples)
 
 
 def layout(state: dict[str, Any]) -> tuple[int, int, int]:

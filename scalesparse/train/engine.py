@@ -139,6 +139,9 @@ def local_model_shard(engine) -> tuple[dict[str, torch.Tensor], dict[str, str]] 
     return tensors, {"format": "full", "world": str(comm.world_size())}
 
 
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")  # the AdamW state that lives beside each weight element
+
+
 def sparse_views(engine, layers: dict[str, nn.Module], with_grads: bool) -> list:
     """This rank's slice of each masked weight, as live views of DeepSpeed's fp32 master weights,
     reduced gradient and Adam moments (ZeRO-0: the whole tensors).
@@ -191,9 +194,6 @@ def param_views(engine, params: dict[str, nn.Parameter], with_grads: bool = Fals
         views.append(LayerView(name, shape, start, weight.detach(), None if grad is None else grad.detach(),
                                [t.detach() for t in states]))  # fmt: skip
     return views
-
-
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _fragment_states(engine, m) -> list[torch.Tensor]:

@@ -150,7 +150,10 @@ def load_checkpoint(engine, folder: Path, cfg: Config, sparsity: DST | None = No
         sparsity.sparsifier.load_state_dict(load_file(str(folder / "sparsity.safetensors")))
     if reshaped(meta, cfg):  # another worker count / ZeRO stage: our layout-free shards
         elastic.load_state(folder, engine, meta["step"], meta["samples_seen"], experts)
-        elastic.reseed(cfg.seed, meta["step"], comm.rank())
+        if meta["world_size"] == comm.world_size():  # the same ranks: their random streams go on
+            _set_rng_state(load_file(str(folder / f"rng_rank{comm.rank()}.safetensors")))
+        else:
+            elastic.reseed(cfg.seed, meta["step"], comm.rank())
     else:  # the layout that wrote it: DeepSpeed's own shards, and each rank's RNG state
         if experts is not None:
             experts.load(folder)
@@ -319,12 +322,20 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     device = engine.device
 
     state = TrainState()
+    resumed: dict[str, Any] = {}
     if resume is not None:
+        t_load = time.perf_counter()
         state = load_checkpoint(engine, resume, cfg, dst, experts)
+        # what resuming cost (slowest rank; peak resident memory of the process so far, load included)
+        cost = comm.all_gather_object((time.perf_counter() - t_load, peak_memory_mb()))
+        resumed = {"step": state.step, "resume_s": max(c[0] for c in cost), "resume_peak_mb": max(c[1] for c in cost),
+                   "resume_reshaped": reshaped(ckpt.read_state(resume), cfg), "resume_from": resume.name}  # fmt: skip
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
 
     logger = MetricsLogger(run_dir, rank == 0, cfg.logging.tensorboard, state.step if resume else None)
+    if resumed:
+        logger.log(resumed)
     progress: Progress | None = None
     if rank == 0 and cfg.logging.progress:
         if args.get("progress_lines"):  # the driver's output is not a terminal

@@ -261,7 +261,8 @@ class ParallelConfig:
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0 (plain DDP), 1 (optimizer states), 2 (+gradients), 3 (+parameters)."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """torch.distributed backend; auto = nccl on CUDA, gloo on CPU."""
+    """torch.distributed backend; auto = gloo on CPU, and on CUDA NCCL for CUDA tensors with gloo
+    beside it for the small CPU-side agreements (torch's "cpu:gloo,cuda:nccl")."""
 
     def _checks(self) -> Iterator[Problem]:
         yield from _positive(self, "workers")

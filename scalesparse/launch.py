@@ -143,6 +143,32 @@ def _record_worker(run_dir: Path) -> None:
     os.replace(tmp, folder / f"rank{rank}.json")
 
 
+def resolve_backend(backend: str, gpu: bool) -> str:
+    """auto: gloo on CPU; on GPUs NCCL for CUDA tensors and gloo for CPU ones (counts, hashes,
+    objects), so no collective has to move small CPU-side values to the device first."""
+    if backend != "auto":
+        return backend
+    return "cpu:gloo,cuda:nccl" if gpu else "gloo"
+
+
+def check_gpus(workers: int, gpus_per_worker: float, address: str | None) -> None:
+    """Refuse, before any worker starts, a run that asks for GPUs this machine's Ray does not have
+    (Ray would otherwise wait for them forever); on a joined cluster, where an autoscaler may still
+    add GPU nodes, say what is missing and go on."""
+    if gpus_per_worker <= 0:
+        return
+    import ray
+
+    want, have = workers * gpus_per_worker, float(ray.cluster_resources().get("GPU", 0.0))
+    if have >= want:
+        return
+    what = f"resources.gpus_per_worker: {workers} workers × {gpus_per_worker:g} GPU need {want:g} GPUs"
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        raise LaunchError(f"{what}; this machine has {have:g} visible to Ray"
+                          + ("" if have else " (no CUDA device; use resources.gpus_per_worker=0 on CPU)"))  # fmt: skip
+    print(f"warning: {what}, the cluster has {have:g} now; waiting for its autoscaler to add GPU nodes", flush=True)
+
+
 def run_workers(cfg: Config, args: dict[str, Any], address: str | None = None,
                 entry: Callable[[dict[str, Any]], None] = _worker_entry) -> None:  # fmt: skip
     """Run a training `entry(args)` on cfg.parallel.workers Ray Train workers."""
@@ -169,11 +195,12 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
 
     # Logical CPUs: 2 workers × 1 CPU must fit on a 2-core laptop next to the driver.
     _connect(address, workers * cpus_per_worker)
+    check_gpus(workers, gpus_per_worker, address)
     # Ray Train 2.5x routes a worker's print() through its logger (to the driver's stderr) *and* its
     # stdout, so every line reached the terminal twice; the driver propagates this switch to workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     gpu = gpus_per_worker > 0
-    backend = backend if backend != "auto" else ("nccl" if gpu else "gloo")
+    backend = resolve_backend(backend, gpu)
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}
     failure = FailureConfig(max_failures=max_failures)
     timeout_var = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -258,12 +285,13 @@ def run_on_actors(entry: Callable[[dict[str, Any]], Any], args: dict[str, Any], 
     and storage before the first line of user code. One rank failing stops them all.
     """
     _connect(address, workers * cpus_per_worker)
+    check_gpus(workers, gpus_per_worker, address)
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     gpu = gpus_per_worker > 0
-    backend = backend if backend != "auto" else ("nccl" if gpu else "gloo")
+    backend = resolve_backend(backend, gpu)
     bundle = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpu else {})}
     group = placement_group([bundle] * workers, strategy=placement)
     actors = []

@@ -136,6 +136,8 @@ CASES = {
         "calibration.seq_len: 256 is longer than the model's context (n_positions"),
     "prune: unknown device": (lambda c: ["prune", "--model", str(c.tmp), "--device", "gpu", "--out", str(c.tmp / "o")],
                               "device: 'gpu' is not allowed; must be cpu, cuda or cuda:N"),
+    "train: GPUs this machine lacks": (lambda c: ["train", c.config(resources={"gpus_per_worker": 8})],
+                                       "resources.gpus_per_worker: 2 workers × 8 GPU need 16 GPUs; this machine has"),
     "train: empty config": (lambda c: ["train", c.config(text="# only a comment\n")], "the config file is empty"),
     "config show: empty config": (lambda c: ["config", "show", c.config(text="")], "the config file is empty"),
     "prune: cpus_per_worker 0": (lambda c: ["prune", "--model", str(c.tmp), "--set", "cpus_per_worker=0", "--out",

@@ -26,6 +26,19 @@ from scalesparse.train import elastic
 from scalesparse.train.metrics import read_metrics
 
 
+def check_local_gpus(cfg: Config, address: str | None) -> None:
+    """A local run (no cluster to join) can only use this machine's GPUs: refuse at once, before the
+    data is prepared, what it cannot give (Ray would wait for them forever)."""
+    r = cfg.resources
+    if r.gpus_per_worker <= 0 or address or os.environ.get("RAY_ADDRESS"):
+        return
+    want, have = cfg.parallel.workers * r.gpus_per_worker, torch.cuda.device_count()
+    if have < want:
+        raise ConfigError(f"resources.gpus_per_worker: {cfg.parallel.workers} workers × {r.gpus_per_worker:g} GPU "
+                          f"need {want:g} GPUs; this machine has {have}"
+                          + ("" if have else " (no CUDA device visible to torch; use resources.gpus_per_worker=0)"))
+
+
 def prepare_run_dir(cfg: Config, resume: str | None) -> Path:
     run_dir = cfg.run_path
     root = run_dir / "checkpoints"
@@ -196,6 +209,7 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     launch.check_reachable(address)  # seconds, not minutes of retries
+    check_local_gpus(cfg, address)
     run_dir = prepare_run_dir(cfg, resume)
     data: PreparedData = prepare_data(cfg.data)
     start = resolve_resume(cfg, resume, run_dir, data.vocab_size)

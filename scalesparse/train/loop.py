@@ -234,7 +234,9 @@ class MoEStats:
         for i, layer in enumerate(self.layers):
             st = layer.stats
             self.load[i] += st["load"].double().cpu()
-            self.scalars += torch.stack([st["balance_loss"], st["z_loss"], st["dropped"]]).double().cpu()
+            # the statistics may live on the GPU or be plain numbers: bring each to the CPU sum
+            self.scalars += torch.stack([torch.as_tensor(st[k]).detach().double().cpu()
+                                         for k in ("balance_loss", "z_loss", "dropped")])  # fmt: skip
         self.count += 1
 
     def collect(self) -> dict[str, Any]:
@@ -262,11 +264,12 @@ def evaluate(engine, blocks: TokenBlocks, n_blocks: int, micro: int) -> float:
         raise ValueError(f"validation split has {len(blocks)} blocks, fewer than {world} workers")
     mine = torch.arange(n)[rank::world].numpy()
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    # summed where the losses are (no host sync per batch), reduced there: NCCL takes CUDA tensors
+    total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for i in range(0, len(mine), micro):
         x, y = blocks.get(mine[i : i + micro])
         _, loss = engine(x.to(engine.device), y.to(engine.device))
-        total[0] += loss.double() * y.numel()
+        total[0] += loss.detach().double() * y.numel()
         total[1] += y.numel()
     engine.train()
     comm.all_reduce_sum(total)

@@ -105,6 +105,12 @@ def test_expert_parallel_two_workers_continue_on_one_holding_all_experts(runs):
     assert_same_losses(resumed, full)
 
 
+def test_one_worker_holding_all_experts_continues_on_two_expert_parallel_workers(runs):
+    full = runs.full(1, 0, **MOE_ONE)
+    resumed = runs.resumed(full, 2, 0, **MOE_EP)  # each rank takes its 2 experts, moments and step
+    assert_same_losses(resumed, full)
+
+
 def test_an_old_layout_only_checkpoint_is_refused_with_the_old_advice(runs, tmp_path, small_data):
     """Checkpoints from before elastic shards (no state_rank files) still resume only where they were written."""
     import shutil

@@ -242,7 +242,11 @@ class TrainConfig:
     """Training precision. bf16 needs a GPU; CPU runs are fp32."""
     init_from: str | None = None
     """An exported model folder (`scalesparse export`) whose weights start this run; optimizer state,
-    LR schedule and data position start fresh. Also how to continue on a different worker count."""
+    LR schedule and data position start fresh. The way to change the model's shape (another worker
+    count or ZeRO stage needs no export: --resume handles it)."""
+    compile: bool = False
+    """torch.compile the model (DeepSpeed's engine.compile): the fast path on GPUs; the first steps
+    pay the compilation."""
 
     def _checks(self) -> Iterator[Problem]:
         for name in ("steps", "global_batch_size", "micro_batch_size", "lr", "eps"):

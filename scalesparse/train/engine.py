@@ -70,11 +70,14 @@ def build_engine(model: nn.Module, cfg: Config, world: int):
     import deepspeed
 
     t = cfg.train
+    # fused: one kernel for all of AdamW's elementwise math on CUDA; on CPU the arithmetic stays as it was
     optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps
+        param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=use_cuda(cfg)
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, world))
     engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
+    if t.compile:
+        engine.compile()
     return engine
 
 

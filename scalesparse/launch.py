@@ -24,6 +24,7 @@ from scalesparse.errors import LaunchError, ScalesparseError
 # Ports Ray listens on when an address leaves the port out: GCS, Ray Client, dashboard / Jobs API.
 DEFAULT_PORTS = {"": 6379, "ray": 10001, "http": 8265, "https": 443}
 CONNECT_TIMEOUT_S = 5.0
+_EMBEDDED = False  # this process started its own local Ray (rather than joining one)
 
 
 def check_reachable(address: str | None, flag: str = "--address", timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -87,6 +88,8 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         log_to_driver=True,
         logging_level="WARNING",
     )
+    global _EMBEDDED
+    _EMBEDDED = True  # this process started it: see runs_locally
 
 
 def _auth_refused(e: BaseException) -> bool:
@@ -109,8 +112,10 @@ def _unique(name: str) -> str:
 def shutdown_ray() -> None:
     import ray
 
+    global _EMBEDDED
     if ray.is_initialized():
         ray.shutdown()
+    _EMBEDDED = False
 
 
 def _ray_progress(total: int, desc: str):
@@ -151,6 +156,16 @@ def resolve_backend(backend: str, gpu: bool) -> str:
     return "cpu:gloo,cuda:nccl" if gpu else "gloo"
 
 
+def runs_locally(address: str | None) -> bool:
+    """Will this process start its own embedded Ray (so this machine's devices are all there is)?
+    Not when it joins a cluster, nor inside a Ray task or job (a sweep's runs), which is on one."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    inside = ray is not None and ray.is_initialized() and not _EMBEDDED
+    return not (address or os.environ.get("RAY_ADDRESS") or inside)
+
+
 def check_gpus(workers: int, gpus_per_worker: float, address: str | None) -> None:
     """Refuse, before any worker starts, a run that asks for GPUs this machine's Ray does not have
     (Ray would otherwise wait for them forever); on a joined cluster, where an autoscaler may still
@@ -163,7 +178,7 @@ def check_gpus(workers: int, gpus_per_worker: float, address: str | None) -> Non
     if have >= want:
         return
     what = f"resources.gpus_per_worker: {workers} workers × {gpus_per_worker:g} GPU need {want:g} GPUs"
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    if runs_locally(address):
         raise LaunchError(f"{what}; this machine has {have:g} visible to Ray"
                           + ("" if have else " (no CUDA device; use resources.gpus_per_worker=0 on CPU)"))  # fmt: skip
     print(f"warning: {what}, the cluster has {have:g} now; waiting for its autoscaler to add GPU nodes", flush=True)

@@ -29,8 +29,10 @@ from scalesparse.train.metrics import read_metrics
 def check_local_gpus(cfg: Config, address: str | None) -> None:
     """A local run (no cluster to join) can only use this machine's GPUs: refuse at once, before the
     data is prepared, what it cannot give (Ray would wait for them forever)."""
+    from scalesparse import launch
+
     r = cfg.resources
-    if r.gpus_per_worker <= 0 or address or os.environ.get("RAY_ADDRESS"):
+    if r.gpus_per_worker <= 0 or not launch.runs_locally(address):
         return
     want, have = cfg.parallel.workers * r.gpus_per_worker, torch.cuda.device_count()
     if have < want:

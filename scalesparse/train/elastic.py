@@ -102,7 +102,9 @@ class _File:
     def read_flat(self, key: str, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of the tensor `key`, flattened (row-major, as stored)."""
         entry = self.entries[key]
-        dtype = DTYPES[entry["dtype"]]
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{self.path}: {key} has dtype {entry['dtype']}, not one of {', '.join(DTYPES)}")
         item = torch.empty((), dtype=dtype).element_size()
         buf = bytearray((hi - lo) * item)
         with open(self.path, "rb") as f:

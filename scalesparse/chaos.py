@@ -38,10 +38,11 @@ def worker_info(run_dir: Path, rank: int) -> dict | None:
         return None
 
 
-def when_run_reaches(run_dir: Path, after_checkpoint: int, after_step: int, action: Callable[[int, str], None],
+def when_run_reaches(run_dir: Path, after_checkpoint: int, after_step: int, action: Callable[[int, str], bool],
                      timeout_s: float = 300.0) -> threading.Thread:  # fmt: skip
     """Start a thread that calls `action(last_step, latest_checkpoint)` once checkpoint `after_checkpoint`
-    is complete and rank 0 has logged `after_step` (so some work past the checkpoint is lost)."""
+    is complete and rank 0 has logged `after_step` (so some work past the checkpoint is lost); an action
+    that returns False (not ready) is tried again."""
     want = ckpt.tag_for(after_checkpoint)
 
     def watch() -> None:

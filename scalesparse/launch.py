@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -159,27 +160,30 @@ def resolve_backend(backend: str, gpu: bool) -> str:
 def runs_locally(address: str | None) -> bool:
     """Will this process start its own embedded Ray (so this machine's devices are all there is)?
     Not when it joins a cluster, nor inside a Ray task or job (a sweep's runs), which is on one."""
-    import sys
-
     ray = sys.modules.get("ray")
     inside = ray is not None and ray.is_initialized() and not _EMBEDDED
     return not (address or os.environ.get("RAY_ADDRESS") or inside)
 
 
-def check_gpus(workers: int, gpus_per_worker: float, address: str | None) -> None:
+def check_gpus(workers: int, gpus_per_worker: float, address: str | None, visible: int | None = None) -> None:
     """Refuse, before any worker starts, a run that asks for GPUs this machine's Ray does not have
     (Ray would otherwise wait for them forever); on a joined cluster, where an autoscaler may still
-    add GPU nodes, say what is missing and go on."""
+    add GPU nodes, say what is missing and go on. `visible`: this machine's CUDA devices, for a local
+    run checked before Ray is started (the driver does, ahead of data preparation)."""
     if gpus_per_worker <= 0:
         return
-    import ray
+    if visible is None:
+        import ray
 
-    want, have = workers * gpus_per_worker, float(ray.cluster_resources().get("GPU", 0.0))
+        have = float(ray.cluster_resources().get("GPU", 0.0))
+    else:
+        have = float(visible)
+    want = workers * gpus_per_worker
     if have >= want:
         return
     what = f"resources.gpus_per_worker: {workers} workers × {gpus_per_worker:g} GPU need {want:g} GPUs"
     if runs_locally(address):
-        raise LaunchError(f"{what}; this machine has {have:g} visible to Ray"
+        raise LaunchError(f"{what}; this machine has {have:g}"
                           + ("" if have else " (no CUDA device; use resources.gpus_per_worker=0 on CPU)"))  # fmt: skip
     print(f"warning: {what}, the cluster has {have:g} now; waiting for its autoscaler to add GPU nodes", flush=True)
 

@@ -28,17 +28,12 @@ from scalesparse.train.metrics import read_metrics
 
 def check_local_gpus(cfg: Config, address: str | None) -> None:
     """A local run (no cluster to join) can only use this machine's GPUs: refuse at once, before the
-    data is prepared, what it cannot give (Ray would wait for them forever)."""
+    data is prepared, what it cannot give (launch checks Ray's view again before workers start)."""
     from scalesparse import launch
 
-    r = cfg.resources
-    if r.gpus_per_worker <= 0 or not launch.runs_locally(address):
-        return
-    want, have = cfg.parallel.workers * r.gpus_per_worker, torch.cuda.device_count()
-    if have < want:
-        raise ConfigError(f"resources.gpus_per_worker: {cfg.parallel.workers} workers × {r.gpus_per_worker:g} GPU "
-                          f"need {want:g} GPUs; this machine has {have}"
-                          + ("" if have else " (no CUDA device visible to torch; use resources.gpus_per_worker=0)"))
+    if launch.runs_locally(address):
+        launch.check_gpus(cfg.parallel.workers, cfg.resources.gpus_per_worker, address,
+                          visible=torch.cuda.device_count())  # fmt: skip
 
 
 def prepare_run_dir(cfg: Config, resume: str | None) -> Path:

@@ -72,7 +72,8 @@ def share_owned(
         if not names:
             continue
         sizes = [numels[n] for n in names]
-        buf = torch.cat([mine[n] for n in names]) if src == rank() else torch.empty(sum(sizes))
+        # over the CPU (gloo) side of the group: every rank's buffer must be on the same device
+        buf = torch.cat([mine[n].cpu() for n in names]) if src == rank() else torch.empty(sum(sizes))
         dist.broadcast(buf, src=src)
         out.update(zip(names, buf.split(sizes)))
     return out
@@ -123,22 +124,25 @@ def global_select(
     """
     wire = wire or WireBytes()
     L = len(keys)
+    # the search runs where the slices are (the GPU under CUDA training); only the chosen indices
+    # leave it, to be encoded for the all-gather
+    dev = keys[0].device if keys else torch.device("cpu")
     keys = [torch.where(v, k, torch.full_like(k, _KEY_LOW)) for k, v in zip(keys, valid)]
-    want = torch.tensor(counts, dtype=torch.int64)
+    want = torch.tensor(counts, dtype=torch.int64, device=dev)
     have = all_reduce_sum(torch.stack([v.sum() for v in valid]).to(torch.int64))
     wire.add(8 * L)
     if torch.any(have < want):
         bad = int(torch.nonzero(have < want)[0])
         raise ValueError(f"layer {bad}: {int(want[bad])} entries requested, only {int(have[bad])} eligible")
     # invariant: count(key >= lo) >= want and count(key >= hi) < want
-    lo = torch.full((L,), _KEY_LOW + 1, dtype=torch.int64)
-    hi = torch.full((L,), _KEY_HIGH, dtype=torch.int64)
+    lo = torch.full((L,), _KEY_LOW + 1, dtype=torch.int64, device=dev)
+    hi = torch.full((L,), _KEY_HIGH, dtype=torch.int64, device=dev)
     active = want > 0
     ordered = [torch.sort(k[v]).values for k, v in zip(keys, valid)]  # sort once; each round is a search
     while bool(torch.any(active & (hi - lo > 1))):
         mid = (lo + hi) // 2
         local = [o.numel() - torch.searchsorted(o, m.view(1)) for o, m in zip(ordered, mid)]
-        c = all_reduce_sum(torch.cat(local).to(torch.int64) if local else torch.zeros(0, dtype=torch.int64))
+        c = all_reduce_sum(torch.cat(local).to(torch.int64) if local else torch.zeros(0, dtype=torch.int64, device=dev))
         wire.add(8 * L)
         ok = c >= want
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
@@ -146,27 +150,29 @@ def global_select(
     above = [torch.nonzero(k > t).flatten() for k, t in zip(keys, threshold)]
     tied = [torch.nonzero(k == t).flatten() for k, t in zip(keys, threshold)]
     # ties go to the lowest global indices: every rank learns every rank's (start, tie count)
-    above_total = all_reduce_sum(torch.tensor([a.numel() for a in above], dtype=torch.int64))
-    info = all_gather_tensor(torch.tensor([[s, t.numel()] for s, t in zip(starts, tied)], dtype=torch.int64))
+    above_total = all_reduce_sum(torch.tensor([a.numel() for a in above], dtype=torch.int64, device=dev)).cpu()
+    info = [i.cpu() for i in all_gather_tensor(
+        torch.tensor([[s, t.numel()] for s, t in zip(starts, tied)], dtype=torch.int64, device=dev))]
     wire.add(8 * L + 16 * L)
     chosen_local = []
     for l in range(L):
         if counts[l] == 0:
-            chosen_local.append(torch.empty(0, dtype=torch.int64))
+            chosen_local.append(torch.empty(0, dtype=torch.int64, device=dev))
             continue
         need = counts[l] - int(above_total[l])
         before = sum(int(row[l, 1]) for row in info if int(row[l, 0]) < starts[l])
         take = max(0, min(need - before, tied[l].numel()))
         local = torch.cat([above[l], tied[l][:take]])
         chosen_local.append(local + starts[l])
-    return _all_gather_changes(chosen_local, starts, [k.numel() for k in keys], wire)
+    chosen = _all_gather_changes(chosen_local, starts, [k.numel() for k in keys], wire)
+    return [c.to(dev) for c in chosen]
 
 
 def _encode(idx: torch.Tensor, start: int, length: int) -> tuple[int, bytes]:
     """Index list (4 bytes each) or bitmask of the slice, whichever is smaller."""
     import numpy as np
 
-    rel = (idx - start).numpy().astype(np.int64)
+    rel = (idx - start).cpu().numpy().astype(np.int64)
     if 4 * rel.size <= (length + 7) // 8:
         return 0, rel.astype(np.int32).tobytes()
     bits = np.zeros(length, dtype=bool)
@@ -218,7 +224,7 @@ def all_gather_varlen(t: torch.Tensor) -> list[torch.Tensor]:
         return [t]
     sizes = all_gather_tensor(torch.tensor([t.numel()], dtype=torch.int64))
     longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros(longest, dtype=t.dtype)
+    padded = torch.zeros(longest, dtype=t.dtype, device=t.device)
     padded[: t.numel()] = t
     out = all_gather_tensor(padded)
     return [o[: int(s.item())] for o, s in zip(out, sizes)]

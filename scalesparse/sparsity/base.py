@@ -5,6 +5,9 @@ whole tensor in a single process, a ZeRO partition under DeepSpeed), with its gr
 optimizer-state slices. Every global decision goes through `comm.global_select`, so the same code
 runs in a unit test on one tensor and on a sharded model; masks are full-shape and identical on all
 ranks. Randomness is derived from (seed, step, layer name), so ranks agree without talking.
+
+Masks live on the device of the views they are applied to (the GPU under CUDA training): `_place`
+moves them there the first time they meet views elsewhere (masks are made or loaded on the CPU).
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class Sparsifier:
 
     def apply(self, views: list[LayerView]) -> None:
         """Make every weight outside the mask exactly zero, with zero optimizer state."""
+        self._place(views)
         for v in views:
             dead = ~self.local_mask(v)
             v.weight.masked_fill_(dead, 0.0)
@@ -92,6 +96,7 @@ class Sparsifier:
 
     def mask_grads(self, views: list[LayerView]) -> None:
         """Zero gradients outside the mask before the optimizer step, so dead weights get no update."""
+        self._place(views)
         for v in views:
             if v.grad is not None:
                 v.grad.masked_fill_(~self.local_mask(v), 0.0)
@@ -118,6 +123,14 @@ class Sparsifier:
         keys = [comm.float_keys(s) for s in scores]
         return comm.global_select(keys, eligible, [v.start for v in views], counts, self.wire)
 
+    def _place(self, views: list[LayerView]) -> None:
+        """Move the masks to the views' device if they are elsewhere (once: then they stay)."""
+        device = next((v.weight.device for v in views), None)
+        if device is None or not self.masks or next(iter(self.masks.values())).device == device:
+            return
+        self.masks = {n: m.to(device) for n, m in self.masks.items()}
+        self.ever_active = {n: m.to(device) for n, m in self.ever_active.items()}
+
     def local_mask(self, v: LayerView) -> torch.Tensor:
         return self.masks[v.name].view(-1)[v.start : v.stop]
 
@@ -131,6 +144,7 @@ class Sparsifier:
         return topk_mask(scores, self.target[name])
 
     def _after_masks_changed(self, views: list[LayerView]) -> None:
+        self._place(views)
         for name, m in self.masks.items():
             self.ever_active[name] = self.ever_active.get(name, torch.zeros_like(m)) | m
         self.apply(views)
@@ -181,6 +195,7 @@ class DropAndGrow(Sparsifier):
 
     def update(self, step: int, views: list[LayerView]) -> dict[str, float]:
         views = sorted(views, key=lambda v: v.name)  # every rank walks the layers in the same order
+        self._place(views)
         before = self.wire.total
         frac = self.drop_fraction(step)
         if self.cfg.granularity == "block":
@@ -212,8 +227,8 @@ class DropAndGrow(Sparsifier):
         (numel / block² values per layer), then every rank makes the same block-level choice."""
         b, changed = self.cfg.block_size, {}
         for v in views:
-            full_drop = torch.zeros(v.shape).view(-1)
-            full_grow = torch.zeros(v.shape).view(-1)
+            full_drop = torch.zeros(v.shape, device=v.weight.device).view(-1)
+            full_grow = torch.zeros(v.shape, device=v.weight.device).view(-1)
             full_drop[v.start : v.stop] = v.weight.abs()
             full_grow[v.start : v.stop] = self.grow_scores(step, v)
             pooled = comm.all_reduce_sum(torch.stack([block_scores(full_drop.view(v.shape), b),

@@ -46,6 +46,7 @@ class GMP(Sparsifier):
 
     def update(self, step: int, views: list[LayerView]) -> dict[str, float]:
         views = sorted(views, key=lambda v: v.name)
+        self._place(views)
         before = self.wire.total
         s = self.scheduled(step)
         target = keep_counts(self.cfg.distribution, self.shapes, s)

@@ -39,7 +39,7 @@ def smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the k smallest entries of a 1-D tensor, ties → lower index (a stable sort's order),
     found with one k-th value and a pass instead of a sort (sorting was most of SparseGPT's time)."""
     if k <= 0 or k >= flat.numel():
-        return torch.full((flat.numel(),), k > 0, dtype=torch.bool)
+        return torch.full((flat.numel(),), k > 0, dtype=torch.bool, device=flat.device)
     kth = flat.kthvalue(k).values
     mask = flat < kth
     ties = (flat == kth).nonzero().flatten()
@@ -79,7 +79,7 @@ def block_mask(scores: torch.Tensor, keep_fraction: float, b: int) -> torch.Tens
 
 def pack(mask: torch.Tensor) -> torch.Tensor:
     """Bool mask → uint8 bit-packed 1-D tensor (for checkpoints)."""
-    return torch.from_numpy(np.packbits(mask.reshape(-1).numpy()))
+    return torch.from_numpy(np.packbits(mask.reshape(-1).cpu().numpy()))
 
 
 def unpack(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -10,4 +10,4 @@ class SET(DropAndGrow):
     def grow_scores(self, step: int, v: LayerView) -> torch.Tensor:
         # one draw for the whole tensor from (seed, step, layer), sliced: every rank sees the same numbers
         full = torch.rand(v.shape[0] * v.shape[1], generator=derived_generator(self.seed, step, v.name))
-        return full[v.start : v.stop]
+        return full[v.start : v.stop].to(v.weight.device)

@@ -25,7 +25,7 @@ class SNIP(Sparsifier):
                                [torch.ones_like(v.weight, dtype=torch.bool) for v in views],
                                [self.target[v.name] for v in views])
             for v, idx in zip(views, keep):
-                m = torch.zeros(v.shape, dtype=torch.bool)
+                m = torch.zeros(v.shape, dtype=torch.bool, device=v.weight.device)
                 m.view(-1)[idx] = True
                 self.masks[v.name] = m
         else:

@@ -19,6 +19,17 @@ def use_cuda(cfg: Config) -> bool:
     return cfg.resources.gpus_per_worker > 0 and torch.cuda.is_available()
 
 
+def worker_device(cfg: Config) -> torch.device:
+    """This worker's device, the one owner of that decision: its local GPU (LOCAL_RANK among the
+    visible ones, as Ray Train and torchrun set it, the same rule DeepSpeed follows), else the CPU.
+    Made current, so tensors created with device="cuda" land there too."""
+    if not use_cuda(cfg):
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
 def select_accelerator(cfg: Config) -> None:
     """Pin DeepSpeed's accelerator before it is imported (its auto-detection probes other vendors)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda(cfg) else "cpu")

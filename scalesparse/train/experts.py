@@ -32,13 +32,17 @@ def shard_file(rank: int) -> str:
 
 
 class ExpertParallel:
-    def __init__(self, model: nn.Module, cfg: Config) -> None:
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device | str = "cpu") -> None:
         self.rank, self.world = comm.rank(), comm.world_size()
-        self.params = shard_experts(model, self.rank, self.world)
+        self.device = torch.device(device)
+        # fp32 on the worker's device (DeepSpeed never sees them, so never casts them to bf16; the
+        # expert MLPs compute in the tokens' dtype)
+        self.params = shard_experts(model, self.rank, self.world, self.device)
         t = cfg.train
         self.clip = t.grad_clip
+        self.fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                           weight_decay=t.weight_decay)  # fmt: skip
+                                           weight_decay=t.weight_decay, fused=self.fused)  # fmt: skip
         self.grad_norm: float | None = None
 
     def set_lr(self, lr: float) -> None:
@@ -52,9 +56,9 @@ class ExpertParallel:
         for g in experts:
             g.div_(self.world)
         dense, replicated = local_grads(engine)
-        sq = torch.zeros(2, dtype=torch.float64)
-        sq[0] = sum((g.double().pow(2).sum() for g in experts), torch.zeros((), dtype=torch.float64))
-        sq[1] = sum((g.double().pow(2).sum() for g in dense), torch.zeros((), dtype=torch.float64))
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        sq = torch.stack([sum((g.double().pow(2).sum() for g in experts), zero),
+                          sum((g.double().pow(2).sum() for g in dense), zero)])  # fmt: skip
         if replicated:  # ZeRO-0: every rank holds the whole dense gradient; count it once
             sq[1] /= self.world
         comm.all_reduce_sum(sq)  # experts and ZeRO slices are disjoint across ranks
@@ -91,8 +95,8 @@ class ExpertParallel:
                 if name not in tensors or tensors[name].shape != p.shape:
                     raise CheckpointError(f"{path}: no {name} of shape {tuple(p.shape)}")
                 p.copy_(tensors[name])
-                state = {key: tensors[f"optim/{key}/{name}"].clone() for key in ("step", "exp_avg", "exp_avg_sq")
-                         if f"optim/{key}/{name}" in tensors}  # fmt: skip
+                state = {key: tensors[f"optim/{key}/{name}"].to(self._state_device(key, p), copy=True)
+                         for key in ("step", "exp_avg", "exp_avg_sq") if f"optim/{key}/{name}" in tensors}  # fmt: skip
                 if state:
                     self.optimizer.state[p] = state
 
@@ -105,8 +109,13 @@ class ExpertParallel:
                 n = p.numel()
                 start = self.rank * n
                 p.copy_(read(name, "weight", start, n).view_as(p))
-                state = {key: read(name, key, start, n).view_as(p).clone() for key in ADAM_KEYS}
-                self.optimizer.state[p] = {"step": torch.tensor(float(adam_step)), **state}
+                state = {key: read(name, key, start, n).view_as(p).to(p.device, copy=True) for key in ADAM_KEYS}
+                step = torch.tensor(float(adam_step), device=self._state_device("step", p))
+                self.optimizer.state[p] = {"step": step, **state}
+
+    def _state_device(self, key: str, p: torch.Tensor) -> torch.device:
+        """Adam keeps its moments beside the weights, and the step count there only when fused."""
+        return p.device if key != "step" or self.fused else torch.device("cpu")
 
 
 def consolidate_experts(folder: Path) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ and DeepSpeed's model/optimizer shards. The LR is a pure function of the step.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 import warnings
@@ -33,6 +34,7 @@ from scalesparse.train.engine import (
     select_accelerator,
     set_lr,
     sparse_views,
+    worker_device,
 )
 from scalesparse.train.experts import ExpertParallel
 from scalesparse.train.metrics import MetricsLogger
@@ -224,28 +226,35 @@ class MoEStats:
         self.reset()
 
     def reset(self) -> None:
-        n = len(self.layers)
-        E = self.layers[0].moe.num_experts if self.layers else 0
-        self.load = torch.zeros(n, E, dtype=torch.float64)
-        self.scalars = torch.zeros(3, dtype=torch.float64)  # balance loss, z-loss, dropped fraction
+        self.load: torch.Tensor | None = None  # (layers, E), on the statistics' device once they arrive
+        self.scalars: torch.Tensor | None = None  # balance loss, z-loss, dropped fraction
         self.count = 0
 
+    def _sums(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.load is None:
+            E = self.layers[0].moe.num_experts if self.layers else 0
+            self.load = torch.zeros(len(self.layers), E, dtype=torch.float64, device=device)
+            self.scalars = torch.zeros(3, dtype=torch.float64, device=device)
+        return self.load, self.scalars
+
     def accumulate(self) -> None:
+        # summed where the statistics are (the GPU in CUDA training): no host sync per micro-batch
         for i, layer in enumerate(self.layers):
             st = layer.stats
-            self.load[i] += st["load"].double().cpu()
-            # the statistics may live on the GPU or be plain numbers: bring each to the CPU sum
-            self.scalars += torch.stack([torch.as_tensor(st[k]).detach().double().cpu()
-                                         for k in ("balance_loss", "z_loss", "dropped")])  # fmt: skip
+            load, scalars = self._sums(st["load"].device)
+            load[i] += st["load"].detach().double()
+            scalars += torch.stack([torch.as_tensor(st[k], device=load.device).detach().double()
+                                    for k in ("balance_loss", "z_loss", "dropped")])  # fmt: skip
         self.count += 1
 
     def collect(self) -> dict[str, Any]:
         """Collective (every rank calls it at the same steps); empty for a dense model."""
         if not self.layers:
             return {}
-        comm.all_reduce_sum(self.load)
-        scalars = comm.all_reduce_mean(self.scalars) / (self.count * len(self.layers))
-        load = self.load / self.load.sum(dim=1, keepdim=True)  # fraction of assignments per expert
+        load, scalars = self._sums("cpu")  # (no micro-batch since the last collect: zeros)
+        comm.all_reduce_sum(load)
+        scalars = comm.all_reduce_mean(scalars).cpu() / (max(1, self.count) * len(self.layers))
+        load = (load / load.sum(dim=1, keepdim=True)).cpu()  # fraction of assignments per expert
         out = {"moe_balance_loss": float(scalars[0]), "moe_z_loss": float(scalars[1]),
                "moe_dropped": float(scalars[2]), "expert_load": load.tolist()}  # fmt: skip
         self.reset()
@@ -292,7 +301,12 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     select_accelerator(cfg)
+    if cfg.train.deterministic:
+        # cuBLAS needs its workspace fixed before its first handle (before the model reaches the GPU)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without such a kernel warn
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    device = worker_device(cfg)  # DeepSpeed places what it wraps here too
     rank, world = comm.rank(), comm.world_size()
     run_dir = Path(args["run_dir"])
     data = PreparedData.from_dict(args["data"])
@@ -315,14 +329,14 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
 
         load_weights(model, Path(cfg.train.init_from))
     dst = DST(cfg, model) if cfg.sparsity.method != "none" else None
-    experts = ExpertParallel(model, cfg) if expert_parallel(cfg) else None  # before DeepSpeed sees the model
+    # before DeepSpeed sees the model (it moves what it wraps to the device; the experts move here)
+    experts = ExpertParallel(model, cfg, device) if expert_parallel(cfg) else None
     schedule = BatchSchedule(len(train_blocks), cfg.seed)
     if dst is not None and resume is None:
         first = schedule.global_batch(0, cfg.train.global_batch_size)
         dst.init_masks(model, [train_blocks.get(rank_slice(first, m, rank, world, micro)) for m in range(ga)])
     engine = build_engine(model, cfg, world)
     moe_stats = MoEStats(engine.module.moe_layers())
-    device = engine.device
 
     state = TrainState()
     resumed: dict[str, Any] = {}
@@ -364,7 +378,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
         if experts is not None:
             experts.set_lr(lr)
         batch = schedule.global_batch(state.samples_seen, cfg.train.global_batch_size)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
         for m in range(ga):
             x, y = train_blocks.get(rank_slice(batch, m, rank, world, micro))
             _, loss = engine(x.to(device), y.to(device))
@@ -374,7 +388,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             if experts is not None and m == ga - 1:
                 experts.step(engine)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            loss_sum += loss.detach().double().cpu()
+            loss_sum += loss.detach().double()
             moe_stats.accumulate()
         state.step += 1
         state.samples_seen += cfg.train.global_batch_size

@@ -89,6 +89,91 @@ def test_grouped_handles_experts_without_tokens():
     assert_same(out, run(ref, x))
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_grouped_mm_path_equals_the_per_expert_loop(activation, monkeypatch):
+    """The CUDA fast path (torch._grouped_mm, device-side offsets, gather un-permute, batched weighting)
+    run here on torch's CPU grouped GEMM: outputs and every gradient equal the loop's."""
+    monkeypatch.setattr(backends, "grouped_mm_applies", lambda x, ex: True)
+    x = torch.rand(2, 37, D) + 0.1
+    fast, loop = make_layer("grouped", activation), make_layer("loop", activation)
+    with torch.no_grad():
+        fast.router.gate.weight[5:] = -1.0  # with positive inputs experts 5..7 get no token: empty groups
+    loop.load_state_dict(fast.state_dict())
+    out = run(fast, x)
+    assert fast.stats["load"][5:].sum() == 0 and fast.stats["load"].sum() == 2 * 37 * K
+    assert torch.all(out[2]["experts.gate_up_proj"][5:] == 0)
+    assert_same(out, run(loop, x))
+
+
+def test_sorted_assignments_offsets_match_bincount():
+    experts = torch.randint(0, E, (50, K))
+    experts[experts == 3] = 4  # an empty group
+    order, offsets = backends.sorted_assignments(experts, E)
+    assert offsets.dtype == torch.int32
+    assert offsets.tolist() == torch.cumsum(torch.bincount(experts.reshape(-1), minlength=E), 0).tolist()
+    assert torch.equal(order, torch.argsort(experts.reshape(-1), stable=True))
+
+
+class MegaBlocksReferenceOps:
+    """MegaBlocks' routing ops as their kernels define them (megablocks/ops, backend/kernels.py), in
+    plain differentiable torch, so the composition in backends.megablocks_moe is checked on CPU; the
+    CUDA kernels themselves are the gpu test's business."""
+
+    @staticmethod
+    def sort(x, end_bit):  # CUB radix sort of the low end_bit bits: stable
+        values, indices = torch.sort(x, stable=True)
+        return values, indices.int()
+
+    @staticmethod
+    def histogram(x, max_val):
+        return torch.bincount(x, minlength=max_val).int()
+
+    @staticmethod
+    def inclusive_cumsum(x, dim):
+        return torch.cumsum(x, dim).int()
+
+    @staticmethod
+    def gather(x, indices, bin_ids, bins, top_k):  # row i of the output: x[indices[i] // top_k]
+        return x.index_select(0, indices.long() // top_k)
+
+    @staticmethod
+    def scatter(x, indices, bin_ids, weights, bins, top_k):  # row i goes to assignment indices[i], scaled
+        idx = indices.long()
+        rows = torch.zeros_like(x).index_copy(0, idx, x * weights[idx].unsqueeze(1))
+        return rows.view(-1, top_k, x.shape[1]).sum(1)
+
+
+def reference_gmm(a, b, batch_sizes, trans_b=False):
+    assert batch_sizes.device.type == "cpu" and batch_sizes.dtype == torch.long  # what grouped_gemm demands
+    outs, start = [], 0
+    for e, n in enumerate(batch_sizes.tolist()):
+        outs.append(a[start : start + n] @ (b[e].t() if trans_b else b[e]))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_megablocks_composition_equals_the_per_expert_loop(activation):
+    layer, loop = make_layer("grouped", activation), make_layer("loop", activation)
+    loop.load_state_dict(layer.state_dict())
+    layer.backend = lambda x, w, e, ex: backends.megablocks_moe(x, w, e, ex, MegaBlocksReferenceOps, reference_gmm)
+    x = torch.randn(2, 37, D)
+    assert_same(run(layer, x), run(loop, x))
+
+
+def test_experts_compute_in_the_inputs_dtype():
+    """fp32 expert weights (expert-parallel experts live outside DeepSpeed's bf16 module) with bf16
+    tokens: every backend computes in bf16 and returns bf16, within bf16 tolerance of fp32."""
+    x = torch.randn(64, D)
+    want = make_layer("loop")(x).detach()
+    for name in ("loop", "grouped"):
+        layer = make_layer(name)
+        layer.router.to(torch.bfloat16)  # the experts stay fp32
+        out = layer(x.bfloat16())
+        assert out.dtype == torch.bfloat16, name
+        torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.05, msg=name)
+
+
 @pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
 def test_grouped_equals_transformers_mixtral_block(implementation):
     """Independent reference: transformers' own Mixtral sparse-MoE block, weights copied across."""

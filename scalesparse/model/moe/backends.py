@@ -4,15 +4,27 @@
     x: (N, d) tokens; weights, experts: (N, k) routing; ex: the Experts module; y: (N, d)
 
 * loop       the plain per-expert reference (what transformers' eager Mixtral experts do)
-* grouped    permute so each expert's tokens are contiguous, run each expert's MLP on its rows (one
-             hand-written autograd function, in cache-sized row blocks on CPU; no padding, no dropped
-             tokens), un-permute and weight: exact, pure PyTorch, CPU and GPU
-* megablocks the same permutation with MegaBlocks' grouped-GEMM CUDA kernels (optional `gpu` extra)
+* grouped    permute so each expert's tokens are contiguous, run each expert's MLP on its rows, un-permute
+             and weight: exact, no padding, no dropped tokens, pure PyTorch. On CPU (and CUDA without
+             a grouped GEMM) one hand-written autograd function runs the experts in cache-sized row
+             blocks; on CUDA in bf16 where torch has a grouped GEMM (`torch._grouped_mm`: Hopper,
+             Blackwell) two grouped GEMMs run every expert at once and the permutation needs no host
+             sync (group offsets come from a device-side search of the sorted expert ids)
+* megablocks MegaBlocks' dropless machinery as its dMoE runs it (`mlp_impl="grouped"`): its CUDA sort,
+             histogram and cumsum for the routing, its fused gather/scatter (the scatter applies the
+             routing weights), and its grouped GEMM (optional `gpu` extra)
+
+Each backend also has a `sorted` form, the experts on rows already grouped by expert, which expert
+parallelism runs on the tokens that arrive from other ranks (SORTED_MLPS).
+
+Weights are stored in fp32 or in the model's dtype; the experts compute in the input's dtype (or
+autocast's), casting weights when they differ, as nn.Linear does under autocast.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -25,6 +37,9 @@ from scalesparse.registry import Registry
 
 Backend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "Experts"], torch.Tensor]
 BACKENDS: Registry[Backend] = Registry("moe backend")
+SortedMLP = Callable[[torch.Tensor, torch.Tensor, "Experts"], torch.Tensor]
+"""(xs (M, d) rows grouped by expert, counts (E,), ex) -> unweighted outputs (M, d)"""
+SORTED_MLPS: Registry[SortedMLP] = Registry("moe backend")
 
 
 class Experts(nn.Module):
@@ -47,15 +62,29 @@ class Experts(nn.Module):
         return F.gelu(h)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's where it is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def expert_weights(ex: Experts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up, down) in `dtype`: the parameters themselves when they already are (no copy)."""
+    return ex.gate_up_proj.to(dtype), ex.down_proj.to(dtype)
+
+
 @BACKENDS.register("loop")
 def loop_backend(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ex: Experts) -> torch.Tensor:
+    x = x.to(compute_dtype(x))
+    w1, w2 = expert_weights(ex, x.dtype)
     y = torch.zeros_like(x)
     for e in range(ex.num_experts):
         token, slot = torch.where(experts == e)
         if token.numel() == 0:
             continue
-        h = ex.act(F.linear(x[token], ex.gate_up_proj[e]))
-        out = F.linear(h, ex.down_proj[e]) * weights[token, slot, None]
+        h = ex.act(F.linear(x[token], w1[e]))
+        out = F.linear(h, w2[e]) * weights[token, slot, None].to(x.dtype)
         y.index_add_(0, token, out)
     return y
 
@@ -139,10 +168,52 @@ class GroupedExpertMLP(torch.autograd.Function):
         return gx, gw1, gw2, None, None, None
 
 
-def grouped_expert_mlp(xs: torch.Tensor, counts: torch.Tensor, ex: Experts) -> torch.Tensor:
-    """The experts on rows already sorted by expert (counts[e] rows each); unweighted outputs."""
-    rows = block_rows(ex.gate_up_proj)
-    return GroupedExpertMLP.apply(xs, ex.gate_up_proj, ex.down_proj, counts.tolist(), ex.swiglu, rows)
+def blocked_expert_mlp(xs: torch.Tensor, counts: torch.Tensor, ex: Experts) -> torch.Tensor:
+    """The experts on rows already sorted by expert (counts[e] rows each), one expert (and row block)
+    at a time; unweighted outputs. Needs the counts on the host."""
+    xs = xs.to(compute_dtype(xs))
+    w1, w2 = expert_weights(ex, xs.dtype)
+    return GroupedExpertMLP.apply(xs, w1, w2, counts.tolist(), ex.swiglu, block_rows(w1))
+
+
+def grouped_mm_applies(x: torch.Tensor, ex: Experts) -> bool:
+    """Whether torch's grouped GEMM kernel runs these experts: CUDA, bf16, a GPU it has a kernel for
+    (Hopper, Blackwell), rows of 16-byte multiples. Elsewhere torch's `_grouped_mm` falls back to a
+    loop that copies the offsets to the host, and the blocked path is the better loop."""
+    if not (x.is_cuda and compute_dtype(x) == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+        return False
+    return all(n % 8 == 0 for n in (x.shape[-1], ex.d_ff))
+
+
+def grouped_mm_expert_mlp(xs: torch.Tensor, offsets: torch.Tensor, ex: Experts) -> torch.Tensor:
+    """The experts on rows sorted by expert with two grouped GEMMs; offsets: int32 (E,) end row of
+    each expert's group, on the device. Unweighted outputs."""
+    xs = xs.to(compute_dtype(xs))
+    w1, w2 = expert_weights(ex, xs.dtype)
+    h = ex.act(torch._grouped_mm(xs, w1.transpose(-2, -1), offs=offsets))
+    return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offsets)
+
+
+def sorted_assignments(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets): the N·k assignments sorted by expert (stable: token order within an expert),
+    and the int32 end row of each expert's group, found by searching the sorted ids on the device
+    (bincount would sync with the host to size its output)."""
+    ids, order = torch.sort(experts.reshape(-1), stable=True)
+    bounds = torch.arange(num_experts, device=ids.device, dtype=ids.dtype)
+    return order, torch.searchsorted(ids, bounds, right=True).to(torch.int32)
+
+
+def grouped_mm_backend(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ex: Experts) -> torch.Tensor:
+    """Sort, gather, two grouped GEMMs, un-permute with a gather (a permutation: no atomics) and
+    weight each token's k outputs in one batched product: no host sync anywhere."""
+    N, k = experts.shape
+    order, offsets = sorted_assignments(experts, ex.num_experts)
+    ys = grouped_mm_expert_mlp(x.index_select(0, order // k), offsets, ex)  # (N·k, d) by expert
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    per_token = ys.index_select(0, inverse).view(N, k, -1)  # back to token-major
+    return torch.bmm(weights.to(ys.dtype).unsqueeze(1), per_token).squeeze(1).to(x.dtype)
 
 
 def permuted_experts(x, weights, experts, ex: Experts, expert_mlp) -> torch.Tensor:
@@ -154,48 +225,114 @@ def permuted_experts(x, weights, experts, ex: Experts, expert_mlp) -> torch.Tens
     counts = torch.bincount(flat, minlength=ex.num_experts)
     token = order // k  # assignment → its token
     out = expert_mlp(x.index_select(0, token), counts, ex)  # (N·k, d)
-    out = out * weights.reshape(-1)[order].unsqueeze(1)
-    return torch.zeros_like(x).index_add_(0, token, out)
+    out = out * weights.reshape(-1)[order].unsqueeze(1).to(out.dtype)
+    return out.new_zeros(N, out.shape[1]).index_add_(0, token, out).to(x.dtype)
+
+
+@SORTED_MLPS.register("grouped")
+@SORTED_MLPS.register("loop")
+def grouped_expert_mlp(xs: torch.Tensor, counts: torch.Tensor, ex: Experts) -> torch.Tensor:
+    if grouped_mm_applies(xs, ex):
+        return grouped_mm_expert_mlp(xs, torch.cumsum(counts, 0).to(torch.int32), ex)
+    return blocked_expert_mlp(xs, counts, ex)
 
 
 @BACKENDS.register("grouped")
 def grouped_backend(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ex: Experts) -> torch.Tensor:
-    return permuted_experts(x, weights, experts, ex, grouped_expert_mlp)
+    if grouped_mm_applies(x, ex):
+        return grouped_mm_backend(x, weights, experts, ex)
+    return permuted_experts(x, weights, experts, ex, blocked_expert_mlp)
+
+
+# ----------------------------------------------------------------------------- MegaBlocks
+@functools.cache
+def megablocks_available() -> bool:
+    """Probed once: CUDA present and MegaBlocks' routing ops and grouped GEMM importable."""
+    return megablocks_unavailable_reason() is None
 
 
 @functools.cache
-def megablocks_available() -> bool:
-    """Probed once: CUDA present and MegaBlocks' grouped GEMM importable."""
+def megablocks_unavailable_reason() -> str | None:
     if not torch.cuda.is_available():
-        return False
+        return "no CUDA"
     try:
         from megablocks import grouped_gemm_util as gg
-    except ImportError:
-        return False
-    return gg.grouped_gemm_is_available()
+        from megablocks import ops  # noqa: F401  (its CUDA routing kernels)
+    except ImportError as e:
+        return f"megablocks does not import ({e})"
+    if not gg.grouped_gemm_is_available():
+        return "megablocks is installed without grouped_gemm"
+    return None
+
+
+def megablocks_moe(x, weights, experts, ex: Experts, ops, gmm) -> torch.Tensor:
+    """MegaBlocks dMoE's grouped forward (ParallelDroplessMLP.grouped_forward_once) on our weights.
+
+    ops: sort, histogram, inclusive_cumsum, gather, scatter with MegaBlocks' signatures; gmm: its
+    grouped GEMM gmm(a, b, batch_sizes (host, int64), trans_b). Indices are over the N·k assignments;
+    gather copies row index // k of x; scatter writes each row back to its assignment scaled by its
+    routing weight and sums each token's k rows.
+    """
+    N, k = experts.shape
+    dtype = compute_dtype(x)
+    w1, w2 = expert_weights(ex, dtype)
+    flat = experts.reshape(-1).int()
+    with torch.no_grad():
+        bin_ids, indices = ops.sort(flat, max(1, math.ceil(math.log2(ex.num_experts))))
+        tokens_per_expert = ops.histogram(flat, ex.num_experts)
+        bins = ops.inclusive_cumsum(tokens_per_expert, 0).view(-1)
+    xs = ops.gather(x.to(dtype), indices, bin_ids, bins, k)
+    batch_sizes = tokens_per_expert.cpu().to(torch.long)  # the grouped GEMM plans on the host
+    h = ex.act(gmm(xs, w1, batch_sizes, trans_b=True))
+    ys = gmm(h, w2, batch_sizes, trans_b=True)
+    return ops.scatter(ys, indices, bin_ids, weights.reshape(-1).to(dtype), bins, k).to(x.dtype)
 
 
 @BACKENDS.register("megablocks")
 def megablocks_backend(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ex: Experts) -> torch.Tensor:
     from megablocks import grouped_gemm_util as gg
+    from megablocks import ops
 
-    def expert_mlp(xs, counts, ex):
-        counts = counts.cpu()  # MegaBlocks wants the group sizes on the host
-        h = ex.act(gg.ops.gmm(xs, ex.gate_up_proj, counts, trans_b=True))
-        return gg.ops.gmm(h, ex.down_proj, counts, trans_b=True)
-
-    return permuted_experts(x, weights, experts, ex, expert_mlp)
+    return megablocks_moe(x, weights, experts, ex, ops, gg.ops.gmm)
 
 
-def resolve_backend(cfg: MoEConfig) -> str:
+@SORTED_MLPS.register("megablocks")
+def megablocks_expert_mlp(xs: torch.Tensor, counts: torch.Tensor, ex: Experts) -> torch.Tensor:
+    from megablocks import grouped_gemm_util as gg
+
+    xs = xs.to(compute_dtype(xs))
+    w1, w2 = expert_weights(ex, xs.dtype)
+    batch_sizes = counts.cpu().to(torch.long)
+    return gg.ops.gmm(ex.act(gg.ops.gmm(xs, w1, batch_sizes, trans_b=True)), w2, batch_sizes, trans_b=True)
+
+
+def choose_backend(cfg: MoEConfig) -> tuple[str, str]:
+    """(backend, why)."""
     if cfg.backend == "auto":
-        return "megablocks" if megablocks_available() else "grouped"
+        reason = megablocks_unavailable_reason()
+        if reason is None:
+            return "megablocks", "auto: MegaBlocks imports and CUDA is present"
+        return "grouped", f"auto: megablocks unavailable ({reason})"
     if cfg.backend == "megablocks" and not megablocks_available():
         raise ConfigError(
             "moe.backend: 'megablocks' cannot run here (needs CUDA and `pip install scalesparse[gpu]`, "
-            "i.e. megablocks with its grouped_gemm kernels); use 'grouped'"
+            f"i.e. megablocks with its grouped_gemm kernels: {megablocks_unavailable_reason()}); use 'grouped'"
         )
-    return cfg.backend
+    return cfg.backend, "moe.backend"
+
+
+@functools.cache
+def _announce(name: str, why: str) -> None:
+    from scalesparse import comm
+
+    if comm.rank() == 0:
+        print(f"moe: experts run on the '{name}' backend ({why})", flush=True)
+
+
+def resolve_backend(cfg: MoEConfig) -> str:
+    name, why = choose_backend(cfg)
+    _announce(name, why)  # once per process, whatever the number of layers
+    return name
 
 
 def expert_hidden(model: ModelConfig, moe: MoEConfig) -> int:

@@ -42,12 +42,14 @@ def expert_parallel_forward(
     return torch.zeros_like(x).index_add_(0, token, out)
 
 
-def shard_experts(model: nn.Module, rank: int, world: int) -> dict[str, nn.Parameter]:
+def shard_experts(model: nn.Module, rank: int, world: int, device: torch.device | str | None = None
+                  ) -> dict[str, nn.Parameter]:  # fmt: skip
     """Keep experts [rank·E/P, (rank+1)·E/P) of every MoE layer and switch the layers to all-to-all.
 
     The local experts are deliberately *not* registered as submodules: whatever wraps the model
     (DeepSpeed) must not see, reduce or partition them. Returns them by their full-model names
-    (e.g. layers.0.mlp.experts.gate_up_proj), holding this rank's slice along the expert dimension.
+    (e.g. layers.0.mlp.experts.gate_up_proj), holding this rank's slice along the expert dimension,
+    on `device` (default: where the model is).
     """
     from scalesparse.model.moe.layer import MoEMLP
 
@@ -57,7 +59,7 @@ def shard_experts(model: nn.Module, rank: int, world: int) -> dict[str, nn.Param
             continue
         full: Experts = layer.experts
         per = full.num_experts // world
-        local = Experts(per, full.down_proj.shape[1], full.d_ff, full.swiglu).to(full.down_proj.device)
+        local = Experts(per, full.down_proj.shape[1], full.d_ff, full.swiglu).to(device or full.down_proj.device)
         with torch.no_grad():
             for p_name in ("gate_up_proj", "down_proj"):
                 getattr(local, p_name).copy_(getattr(full, p_name)[rank * per : (rank + 1) * per])

@@ -15,7 +15,14 @@ from torch import nn
 
 from scalesparse.config import ModelConfig, MoEConfig
 from scalesparse.model.mlp import MLPS
-from scalesparse.model.moe.backends import BACKENDS, Experts, expert_hidden, grouped_expert_mlp, resolve_backend
+from scalesparse.model.moe.backends import (
+    BACKENDS,
+    SORTED_MLPS,
+    Experts,
+    expert_hidden,
+    expert_weights,
+    resolve_backend,
+)
 from scalesparse.model.moe.expert_parallel import expert_parallel_forward
 from scalesparse.model.moe.router import TopKRouter, load_balancing_loss, tokens_per_expert, z_loss
 
@@ -43,9 +50,10 @@ def padded_experts(x, weights, experts, ex: Experts, capacity: int) -> tuple[tor
     token = torch.arange(N, device=x.device).repeat_interleave(k)[keep]
     dest = flat[keep] * capacity + position[keep]  # row in the (E·C, d) buffer
     buf = x.new_zeros(E * capacity, d).index_copy(0, dest, x.index_select(0, token)).view(E, capacity, d)
-    h = ex.act(torch.bmm(buf, ex.gate_up_proj.transpose(1, 2)))
-    out = torch.bmm(h, ex.down_proj.transpose(1, 2)).view(E * capacity, d)
-    out = out.index_select(0, dest) * weights.reshape(-1)[keep].unsqueeze(1)
+    w1, w2 = expert_weights(ex, x.dtype)
+    h = ex.act(torch.bmm(buf, w1.transpose(1, 2)))
+    out = torch.bmm(h, w2.transpose(1, 2)).view(E * capacity, d)
+    out = out.index_select(0, dest) * weights.reshape(-1)[keep].unsqueeze(1).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, out), keep
 
 
@@ -68,11 +76,11 @@ class MoEMLP(nn.Module):
         routing = self.router(flat)
         E = self.moe.num_experts
         if self.expert_parallel > 1:
-            y = expert_parallel_forward(flat, routing, self.experts, E, grouped_expert_mlp)
-            dropped = torch.zeros(())
+            y = expert_parallel_forward(flat, routing, self.experts, E, SORTED_MLPS.get(self.backend_name))
+            dropped = flat.new_zeros((), dtype=torch.float32)
         elif self.moe.capacity_factor is None:
             y = self.backend(flat, routing.weights, routing.experts, self.experts)
-            dropped = torch.zeros(())
+            dropped = flat.new_zeros((), dtype=torch.float32)
         else:
             capacity = math.ceil(self.moe.capacity_factor * flat.shape[0] * self.moe.top_k / E)
             y, keep = padded_experts(flat, routing.weights, routing.experts, self.experts, capacity)

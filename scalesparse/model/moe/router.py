@@ -44,7 +44,7 @@ class TopKRouter(nn.Module):
 def load_balancing_loss(routing: Routing, num_experts: int) -> torch.Tensor:
     """Switch Transformer's E·Σ_e f_e·P_e: f_e the fraction of the N·k assignments sent to expert e
     (not differentiable), P_e the mean router probability of e. Equals 1.0 when balanced."""
-    counts = torch.bincount(routing.experts.reshape(-1), minlength=num_experts).float()
+    counts = tokens_per_expert(routing, num_experts).float()
     f = counts / counts.sum()
     p = routing.probs.mean(dim=0)
     return num_experts * torch.sum(f * p)
@@ -56,4 +56,7 @@ def z_loss(routing: Routing) -> torch.Tensor:
 
 
 def tokens_per_expert(routing: Routing, num_experts: int) -> torch.Tensor:
-    return torch.bincount(routing.experts.reshape(-1), minlength=num_experts)
+    """Assignments per expert (int64, on the routing's device). A scatter-add, not bincount: on CUDA
+    bincount reads the largest id back to the host to size its output, a sync per layer."""
+    flat = routing.experts.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).index_add_(0, flat, torch.ones_like(flat))

@@ -43,6 +43,7 @@ def train_in_process(cfg: Config, data: PreparedData, resume: Path | None = None
         raise ValueError(f"train_in_process runs one worker; parallel.workers is {cfg.parallel.workers}")
     join_single_group(cfg)
     run_dir = cfg.run_path
+    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     args = {"config": cfg.to_dict(), "run_dir": str(run_dir), "data": data.to_dict(),
             "resume": str(resume) if resume else None, "latest_at_launch": resume.name if resume else None}  # fmt: skip
     train_worker(args)

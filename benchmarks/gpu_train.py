@@ -1,0 +1,238 @@
+"""Training throughput on one GPU: scalesparse's trainer against a lean PyTorch loop on the same model.
+
+Both train `scalesparse.model.GPT` with the same shape, batch and data, in one process, one after the
+other:
+* project   the real worker loop (train.single → loop.train_worker: DeepSpeed ZeRO-2, bf16, fused
+            AdamW, train.compile), tokens/s as its metrics log them, past the warm-up;
+* lean      model.cuda(), torch.autocast(bf16), fused AdamW, gradient clipping, torch.compile (and
+            eager), timed with CUDA syncs around a window of steps.
+Shapes: (a) d_model 1024, 12 layers, 16 heads, seq 1024, vocab 8192 (~160M); (b) d_model 1024,
+24 layers, 16 heads, seq 2048 (~350M). On shape (a) also RigL at 90% with ΔT=100 against dense, and
+MoE (E=8, top-2, expert d_ff half the dense MLP's: equal active parameters) with each backend.
+MFU = tokens/s × training FLOPs per token / the GPU's peak dense bf16 FLOP/s (--peak-tflops; 989 for
+H100/H200 SXM). Tokens are synthetic (uniform ids): speed does not depend on them.
+
+    python benchmarks/gpu_train.py [--shapes a b] [--cases ...] [--out FILE]
+    python benchmarks/gpu_train.py --smoke     # tiny shapes on the CPU: checks the plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 8192
+SHAPES = {
+    "a": {"d_model": 1024, "n_layers": 12, "n_heads": 16, "seq_len": 1024, "micro": 16},
+    "b": {"d_model": 1024, "n_layers": 24, "n_heads": 16, "seq_len": 2048, "micro": 8},
+    "smoke": {"d_model": 64, "n_layers": 2, "n_heads": 4, "seq_len": 64, "micro": 4},
+}
+GA = 2  # micro-batches per optimizer step
+
+
+def synthetic_data(folder: Path, vocab: int, tokens: int):
+    from scalesparse.data import PreparedData
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    np.save(folder / "train.npy", rng.integers(0, vocab, tokens, dtype=np.int32).astype(np.uint16))
+    np.save(folder / "val.npy", rng.integers(0, vocab, tokens // 10, dtype=np.int32).astype(np.uint16))
+    (folder / "tokenizer.json").write_text(json.dumps({"type": "byte"}))  # checkpoints copy one
+    return PreparedData(folder, vocab, 0, tokens, tokens // 10)
+
+
+def model_section(shape: dict) -> dict:
+    return {k: v for k, v in shape.items() if k != "micro"} | {"activation": "swiglu", "position": "rotary",
+                                                               "norm": "rmsnorm"}  # fmt: skip
+
+
+def project_config(shape: dict, steps: int, run_dir: Path, cuda: bool, extra: dict) -> dict:
+    cfg = {
+        "name": "bench", "run_dir": str(run_dir), "model": model_section(shape),
+        "data": {"vocab_size": VOCAB, "val_blocks": 2},
+        "train": {"steps": steps, "global_batch_size": shape["micro"] * GA, "micro_batch_size": shape["micro"],
+                  "warmup_steps": 10, "eval_every": 0, "dtype": "bf16" if cuda else "fp32", "compile": cuda},
+        "parallel": {"workers": 1, "zero_stage": 2},
+        "resources": {"gpus_per_worker": 1 if cuda else 0, "cpus_per_worker": 4},
+        "checkpoint": {"every": 0},
+        "logging": {"log_every": 10, "tensorboard": False, "progress": False},
+    }  # fmt: skip
+    for section, values in extra.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg
+
+
+def reset_memory(cuda: bool) -> None:
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mb(cuda: bool) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+
+
+def run_project(shape: dict, steps: int, warmup: int, data, extra: dict, cuda: bool) -> dict:
+    from scalesparse.config import config_from_dict
+    from scalesparse.train.single import train_in_process
+
+    reset_memory(cuda)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config_from_dict(project_config(shape, steps, Path(tmp) / "run", cuda, extra))
+        rows = train_in_process(cfg, data)
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > warmup]
+    return {"tokens_per_s": statistics.median(rates), "intervals": rates, "peak_mem_mb": peak_mb(cuda)}
+
+
+def run_lean(shape: dict, steps: int, warmup: int, data, compile: bool, cuda: bool) -> dict:
+    """The peer: the same GPT in a plain single-device loop."""
+    from scalesparse.config import config_from_dict
+    from scalesparse.data import TokenBlocks
+    from scalesparse.model import GPT
+
+    reset_memory(cuda)
+    device = "cuda" if cuda else "cpu"
+    cfg = config_from_dict({"model": model_section(shape)})
+    torch.manual_seed(0)
+    model = GPT(cfg.model, VOCAB, cfg.moe).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=cuda)
+    step_model = torch.compile(model) if compile else model
+    blocks = TokenBlocks(data.train_path, shape["seq_len"])
+    micro = shape["micro"]
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    def step(i: int) -> None:
+        for m in range(GA):
+            x, y = blocks.get(np.arange((i * GA + m) * micro, (i * GA + m + 1) * micro) % len(blocks))
+            with torch.autocast(device, dtype=dtype, enabled=cuda):
+                _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            (loss / GA).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(warmup):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(warmup, steps):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+    tps = (steps - warmup) * GA * micro * shape["seq_len"] / (time.perf_counter() - t0)
+    return {"tokens_per_s": tps, "peak_mem_mb": peak_mb(cuda)}
+
+
+def flops_per_token(shape: dict, extra: dict) -> int:
+    from scalesparse.config import config_from_dict
+    from scalesparse.model import count_flops_per_token
+
+    cfg = config_from_dict({"model": model_section(shape) | extra.get("model", {}), **{
+        k: v for k, v in extra.items() if k == "moe"}})  # fmt: skip
+    return count_flops_per_token(cfg.model, VOCAB, moe=cfg.moe)["train"]
+
+
+def cases_for(shape_name: str, shape: dict, cuda: bool) -> dict[str, dict]:
+    """label → {"kind": project | lean, "extra" (project overrides) or "compile" (lean)}."""
+    out = {
+        "project dense": {"kind": "project", "extra": {}},
+        "lean compiled": {"kind": "lean", "compile": cuda},
+        "lean eager": {"kind": "lean", "compile": False},
+    }
+    if shape_name in ("a", "smoke"):
+        out["project rigl 90% dT=100"] = {"kind": "project", "extra": {"sparsity": {
+            "method": "rigl", "sparsity": 0.9, "update_interval": 100 if cuda else 10}}}  # fmt: skip
+        hidden = config_hidden(shape)
+        for backend in ("grouped", "megablocks", "loop") if cuda else ("grouped", "loop"):
+            moe = {"num_experts": 8, "top_k": 2, "d_ff": hidden // 2, "backend": backend}
+            out[f"project moe {backend}"] = {"kind": "project", "extra": {"model": {"mlp": "moe"}, "moe": moe}}
+    return out
+
+
+def config_hidden(shape: dict) -> int:
+    from scalesparse.config import config_from_dict
+
+    return config_from_dict({"model": model_section(shape)}).model.hidden_ff
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=["a", "b"], choices=["a", "b"])
+    ap.add_argument("--cases", nargs="+", help="labels to run (default: all)")
+    ap.add_argument("--steps", type=int, help="steps per project/lean run (default 60; 250 with RigL)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the plumbing")
+    ap.add_argument("--out", help="default benchmarks/results/gpu_train.json (smoke: a temporary file)")
+    args = ap.parse_args()
+    cuda = not args.smoke
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("gpu_train.py needs CUDA (or --smoke for the CPU plumbing check)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    shapes = ["smoke"] if args.smoke else args.shapes
+    out_path = Path(args.out or (tempfile.mkdtemp() + "/gpu_train.json" if args.smoke
+                                 else REPO / "benchmarks/results/gpu_train.json"))  # fmt: skip
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthetic_data(Path(tmp) / "data", VOCAB, 4_000_000 if cuda else 200_000)
+        for name in shapes:
+            shape = SHAPES[name]
+            row: dict[str, dict] = {}
+            for label, case in cases_for(name, shape, cuda).items():
+                if args.cases and label not in args.cases:
+                    continue
+                rigl = "rigl" in label
+                steps = args.steps or ((250 if cuda else 40) if rigl else (60 if cuda else 20))
+                warmup = 20 if cuda else 5
+                try:
+                    if case["kind"] == "project":
+                        r = run_project(shape, steps, warmup, data, case["extra"], cuda)
+                    else:
+                        r = run_lean(shape, steps, warmup, data, case["compile"], cuda)
+                except Exception as e:  # e.g. megablocks not installed: recorded, the rest still runs
+                    row[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                    print(f"[{name}] {label:<28} failed: {row[label]['error']}", flush=True)
+                    continue
+                fpt = flops_per_token(shape, case.get("extra", {}))
+                r |= {"steps": steps, "train_flops_per_token": fpt,
+                      "mfu": r["tokens_per_s"] * fpt / (args.peak_tflops * 1e12)}  # fmt: skip
+                row[label] = r
+                mem = f"{r['peak_mem_mb']:,.0f} MiB peak" if r["peak_mem_mb"] else ""
+                print(f"[{name}] {label:<28} {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  {mem}", flush=True)
+            ratios = {}
+            tps = {label: r["tokens_per_s"] for label, r in row.items() if "error" not in r}
+            if "project dense" in tps and "lean compiled" in tps:
+                ratios["project / lean compiled"] = tps["project dense"] / tps["lean compiled"]
+            for label in tps:
+                if label.startswith("project ") and label != "project dense" and "project dense" in tps:
+                    ratios[f"{label[8:]} / dense"] = tps[label] / tps["project dense"]
+            for k, v in ratios.items():
+                print(f"[{name}] {k}: {v:.3f}")
+            results[name] = {"shape": shape, "cases": row, "ratios": ratios}
+    out = {
+        "benchmark": "gpu_train",
+        "device": torch.cuda.get_device_name() if cuda else "cpu (smoke: plumbing only, not a measurement)",
+        "peak_tflops": args.peak_tflops,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "global_batch": {n: SHAPES[n]["micro"] * GA for n in shapes},
+        "results": results,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -142,3 +142,13 @@ def test_config_show_resolves_defaults_and_overrides(tmp_path):
     shown = config_from_dict(__import__("yaml").safe_load(proc.stdout))
     assert shown == load_config(REPO / "configs/tiny.yaml", ["train.lr=3e-4"])
     assert shown.train.lr == pytest.approx(3e-4)
+
+
+def test_bf16_on_a_gpu_without_bfloat16_units_is_refused_in_one_line():
+    from scalesparse.train.driver import check_bf16
+
+    cfg = config_from_dict({"train": {"dtype": "bf16"}, "resources": {"gpus_per_worker": 1}})
+    with pytest.raises(ConfigError, match=r"^train.dtype: bf16 needs a GPU with bfloat16 units .* Tesla V100"):
+        check_bf16(cfg, supported=False, gpu="Tesla V100-SXM2-32GB")
+    check_bf16(cfg, supported=True, gpu="NVIDIA H200")  # Ampere and later
+    check_bf16(config_from_dict({"resources": {"gpus_per_worker": 1}}), supported=False, gpu="Tesla V100")  # fp32

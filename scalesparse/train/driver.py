@@ -34,6 +34,16 @@ def check_local_gpus(cfg: Config, address: str | None) -> None:
     if launch.runs_locally(address):
         launch.check_gpus(cfg.parallel.workers, cfg.resources.gpus_per_worker, address,
                           visible=torch.cuda.device_count())  # fmt: skip
+        check_bf16(cfg, torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False),
+                   torch.cuda.get_device_name() if torch.cuda.is_available() else "")  # fmt: skip
+
+
+def check_bf16(cfg: Config, supported: bool, gpu: str) -> None:
+    """bf16 training needs a GPU that computes in it (compute capability 8.0+: A100, H100, ...);
+    emulated bf16 on older GPUs is slower than fp32, so it is refused rather than silently slow."""
+    if cfg.train.dtype == "bf16" and cfg.resources.gpus_per_worker > 0 and gpu and not supported:
+        raise ConfigError(f"train.dtype: bf16 needs a GPU with bfloat16 units (compute capability 8.0+); "
+                          f"this machine's {gpu} has none; use fp32")  # fmt: skip
 
 
 def prepare_run_dir(cfg: Config, resume: str | None) -> Path:

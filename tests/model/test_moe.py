@@ -283,16 +283,76 @@ def test_megablocks_refused_clearly_where_it_cannot_run():
         assert resolve_backend(MoEConfig(backend="auto")) == "grouped"
 
 
-@pytest.mark.gpu
-def test_megablocks_equals_grouped_on_cuda():
-    if not megablocks_available():
-        pytest.skip("megablocks extra not installed")
-    layer = make_layer().cuda()
-    ref = make_layer().cuda()
+def assert_close_rel(a, b, rel):
+    """‖a − b‖ ≤ rel · ‖b‖ for outputs and every gradient (bf16: elementwise checks meet rounding)."""
+    for x, y, what in [(a[0], b[0], "output"), (a[1], b[1], "input grad")] + [
+            (a[2][n], b[2][n], n) for n in b[2]]:  # fmt: skip
+        err = (x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-12)
+        assert err <= rel, f"{what}: relative error {float(err):.2e} > {rel}"
+
+
+def cuda_pair(backend, dtype):
+    torch.manual_seed(0)
+    layer, ref = make_layer(), make_layer("loop")
     ref.load_state_dict(layer.state_dict())
-    layer.backend = BACKENDS.get("megablocks")
-    x = torch.randn(256, D, device="cuda")
-    assert_same(run(layer, x), run(ref, x), tol=1e-4)
+    layer.backend = BACKENDS.get(backend)
+    return layer.cuda().to(dtype), ref.cuda().to(dtype)
+
+
+def needs_megablocks():
+    reason = backends.megablocks_unavailable_reason()
+    if reason:
+        pytest.skip(f"megablocks: {reason}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_megablocks_equals_grouped_on_cuda(dtype):
+    needs_megablocks()
+    layer, ref = cuda_pair("megablocks", dtype)
+    ref.backend = BACKENDS.get("grouped")
+    x = torch.randn(512, D, device="cuda", dtype=dtype)
+    if dtype == torch.float32:
+        assert_same(run(layer, x), run(ref, x), tol=1e-4)
+    else:
+        assert_close_rel(run(layer, x), run(ref, x), rel=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_on_cuda_equals_the_loop(dtype):
+    layer, ref = cuda_pair("grouped", dtype)
+    x = torch.randn(512, D, device="cuda", dtype=dtype)
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10):
+        assert backends.grouped_mm_applies(x, layer.experts)  # the torch._grouped_mm path is what runs
+    if dtype == torch.float32:
+        assert_same(run(layer, x), run(ref, x), tol=1e-4)
+    else:
+        assert_close_rel(run(layer, x), run(ref, x), rel=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["grouped", "megablocks"])
+def test_sorted_expert_mlps_on_cuda_equal_the_loop(backend):
+    """The forms expert parallelism runs on the rows it receives (one rank: the all-to-all is the
+    identity), in bf16."""
+    from scalesparse.model.moe.backends import SORTED_MLPS
+    from scalesparse.model.moe.expert_parallel import expert_parallel_forward
+
+    if backend == "megablocks":
+        needs_megablocks()
+    layer, ref = cuda_pair("loop", torch.bfloat16)
+    x = torch.randn(256, D, device="cuda", dtype=torch.bfloat16)
+    routing = layer.router(x)
+    got = expert_parallel_forward(x, routing, layer.experts, E, SORTED_MLPS.get(backend))
+    want = BACKENDS.get("loop")(x, routing.weights, routing.experts, layer.experts)
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
+
+
+@pytest.mark.gpu
+def test_auto_picks_megablocks_where_it_imports():
+    needs_megablocks()
+    assert resolve_backend(MoEConfig(backend="auto")) == "megablocks"
 
 
 def test_moe_model_exports_and_loads_back(tmp_path):
@@ -306,3 +366,13 @@ def test_moe_model_exports_and_loads_back(tmp_path):
     assert not (tmp_path / "config.json").exists()  # not a Llama: no transformers config is claimed
     x = torch.randint(0, 64, (2, 16))
     torch.testing.assert_close(load_exported(tmp_path).eval()(x)[0], m(x)[0], rtol=0, atol=0)
+
+
+def test_the_chosen_backend_and_why_are_said_once(capsys):
+    backends._announce.cache_clear()
+    for _ in range(3):  # three MoE layers
+        make_layer("auto")
+    out = capsys.readouterr().out
+    assert out.count("moe: experts run on the") == 1
+    if not megablocks_available():
+        assert "'grouped' backend (auto: megablocks unavailable (" in out

@@ -2,9 +2,11 @@
 
 Blocks are processed in order: each block's calibration inputs are the outputs of the already-pruned
 blocks before it (SparseGPT's sequential scheme). Only the block being pruned is moved to `device`;
-the rest of the model stays where it is. With several workers, each holds a share of the calibration
-samples: the methods' statistics are all-reduced (comm), and each layer's solve runs on one worker,
-its result broadcast to the others.
+the rest of the model stays where it is, so a model larger than the GPU prunes block by block. On the
+device live the block, its calibration inputs (when they fit; else they stream from the CPU batch by
+batch), the Gram sums, the methods' statistics, the solves and the error report. With several
+workers, each holds a share of the calibration samples: the methods' statistics are all-reduced
+(comm), and each layer's solve runs on one worker, its result broadcast to the others.
 """
 
 from __future__ import annotations
@@ -73,6 +75,29 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
     return inputs, kwargs
 
 
+def to_device(value, device):
+    """Tensors anywhere inside tuples, lists and dicts moved to `device` (Llama's rotary
+    `position_embeddings` is a (cos, sin) tuple); other values as they are."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        moved = [to_device(v, device) for v in value]
+        return type(value)(*moved) if hasattr(value, "_fields") else type(value)(moved)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def resident_inputs(hidden: list[torch.Tensor], device: str, budget: float = 0.25) -> list[torch.Tensor]:
+    """The block inputs moved to the device for the whole walk when they take at most `budget` of its
+    free memory (no copy per batch per block); else left where they are, to stream batch by batch."""
+    if not str(device).startswith("cuda"):
+        return hidden
+    need = sum(h.numel() * h.element_size() for h in hidden)
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return [h.to(device) for h in hidden] if need <= budget * free else hidden
+
+
 def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -98,15 +123,16 @@ class Grams:
             if hit is None or hit[0] is not x:
                 if name not in self.group:
                     self.group[name] = len(self.sums)
-                    self.sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
+                    self.sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device))
                 # one batch's product in fp32 (as SparseGPT's reference code does; fp64 was most of the
-                # walk's time), summed over batches and workers in fp64 so the order of the sum barely matters
-                flat = x.reshape(-1, x.shape[-1]).float().cpu()
+                # walk's time), summed over batches and workers in fp64 so the order of the sum barely
+                # matters; where the block runs (the GPU with --device cuda)
+                flat = x.reshape(-1, x.shape[-1]).float()
                 self.sums[self.group[name]].add_(flat.t() @ flat)  # fp32 → fp64 inside the add: no temporary
                 self._batch[id(x)] = (x, self.group[name])
             else:
                 self.group.setdefault(name, hit[1])
-            pruner.add_batch(x.cpu())
+            pruner.add_batch(x)
 
         return record
 
@@ -151,7 +177,8 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
     cls = PRUNERS.get(method)
     prefix, blocks = find_blocks(model)
     hidden, kwargs = capture_block_inputs(model, blocks, batches)
-    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    hidden = resident_inputs(hidden, device)
+    kwargs = to_device(kwargs, device)
     report = PruneReport()
     measured: dict[str, float] = {}  # seconds per layer name in the previous block: the next block's costs
     bar = tqdm(total=len(blocks), desc=f"{method} {sparsity:.0%}", disable=not progress or comm.rank() != 0)
@@ -210,10 +237,11 @@ def _solve(layers, pruners, xxt, sparsity, nm, report: PruneReport, t: float, me
     for n in sorted(owners):
         if owners[n] == rank:
             t0 = time.perf_counter()
-            w0 = weight_matrix(layers[n]).detach().float().cpu().clone()
+            w0 = weight_matrix(layers[n]).detach().float().clone()  # on the solving device
             w = pruners[n].prune(sparsity, nm)[1]
-            info = torch.tensor([relative_error(w0, w, xxt[n]), time.perf_counter() - t0])
-            solved[n] = torch.cat([w.reshape(-1), info])
+            err = relative_error(w0, w, xxt[n])  # (a float: waits for the device to finish the solve)
+            info = torch.tensor([err, time.perf_counter() - t0])
+            solved[n] = torch.cat([w.reshape(-1).float().cpu(), info])
     t = report.timed("solve", t)
     shapes = {n: tuple(weight_matrix(layers[n]).shape) for n in owners}
     # each result travels as [weights..., relative error, seconds]: one broadcast per worker per block

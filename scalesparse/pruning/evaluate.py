@@ -9,9 +9,29 @@ import torch
 import torch.nn.functional as F
 
 
+def evaluation_device(model, device: str, budget: float = 0.8) -> str:
+    """Where to evaluate: `device` when the whole model fits in `budget` of its free memory (a
+    model larger than the GPU is pruned block by block, but evaluated on the CPU)."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return device if need <= budget * free else "cpu"
+
+
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, window: int, stride: int) -> dict:
-    """ids: 1-D token ids of the evaluation text."""
+def perplexity(model, ids: torch.Tensor, window: int, stride: int, device: str = "cpu") -> dict:
+    """ids: 1-D token ids of the evaluation text. The model visits `device` for the evaluation and
+    goes back to where it was."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        return _perplexity(model, ids.to(device), window, stride)
+    finally:
+        model.to(home)
+
+
+def _perplexity(model, ids: torch.Tensor, window: int, stride: int) -> dict:
     nll, scored, prev_end = 0.0, 0, 0
     for begin in range(0, ids.numel(), stride):
         end = min(begin + window, ids.numel())

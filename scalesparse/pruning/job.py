@@ -104,7 +104,7 @@ def _prune(cfg: PruneConfig, progress: bool) -> dict:
 
     from scalesparse import comm
     from scalesparse.pruning.calibrate import prune_model
-    from scalesparse.pruning.evaluate import perplexity
+    from scalesparse.pruning.evaluate import evaluation_device, perplexity
     from scalesparse.pruning.hf import find_blocks, load_causal_lm
 
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -123,21 +123,22 @@ def _prune(cfg: PruneConfig, progress: bool) -> dict:
     eval_ids = torch.tensor(tok(eval_text, add_special_tokens=False)["input_ids"])[e.offset : e.offset + e.tokens]
     if e.tokens and eval_ids.numel() < e.tokens:
         raise ConfigError(f"eval: only {eval_ids.numel()} tokens after offset {e.offset} in {list(e.docs)}")
-    before = perplexity(model, eval_ids, e.window, e.stride) if e.tokens and lead else None
+    where = evaluation_device(model, cfg.device)
+    before = perplexity(model, eval_ids, e.window, e.stride, where) if e.tokens and lead else None
     report = prune_model(model, batches, cfg.method, cfg.sparsity, cfg.nm, cfg.include, cfg.exclude, cfg.device,
                          {"blocksize": cfg.blocksize, "damp": cfg.damp}, progress=progress)  # fmt: skip
     phases_by_rank = comm.all_gather_object(report.phases)  # where a slow rank made the others wait
     if not lead:
         comm.barrier()
         return {}
-    after = perplexity(model, eval_ids, e.window, e.stride) if e.tokens else None
+    after = perplexity(model, eval_ids, e.window, e.stride, where) if e.tokens else None
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     pruned = sum(r.shape[0] * r.shape[1] * r.sparsity for r in report.layers)
     total = sum(r.shape[0] * r.shape[1] for r in report.layers)
     result = {
         "model": cfg.model, "method": cfg.method, "sparsity": cfg.sparsity, "pattern": cfg.pattern,
-        "workers": comm.world_size(),
+        "workers": comm.world_size(), "device": cfg.device, "eval_device": where,
         "ppl_before": before["ppl"] if before else None, "ppl_after": after["ppl"] if after else None,
         "pruned_fraction_of_pruned_layers": pruned / max(1, total),
         "calibration": {**asdict(cfg.calibration), "tokens": cfg.calibration.samples * cfg.calibration.seq_len},

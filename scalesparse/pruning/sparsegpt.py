@@ -21,7 +21,8 @@ class SparseGPT(Pruner):
         calibration walk does) and sets `self.xxt` before `prune`; add_batch then only counts tokens."""
         super().__init__(layer)
         self.blocksize, self.damp, self.external_gram = blocksize, damp, external_gram
-        self.xxt = None if external_gram else torch.zeros(self.columns, self.columns, dtype=torch.float64)  # Σ x xᵀ
+        self.xxt = None if external_gram else torch.zeros(self.columns, self.columns, dtype=torch.float64,
+                                                           device=layer.weight.device)  # Σ x xᵀ, where the layer is
 
     def add_batch(self, inp):
         x = inp.reshape(-1, inp.shape[-1])
@@ -38,7 +39,7 @@ class SparseGPT(Pruner):
         dead = torch.diag(H) == 0  # inputs that never fire: their weights cannot matter
         H[dead, dead] = 1.0
         w[:, dead] = 0.0
-        H += self.damp * torch.mean(torch.diag(H)) * torch.eye(self.columns)
+        H.diagonal().add_(self.damp * torch.mean(torch.diag(H)))
         Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
         return torch.linalg.cholesky(Hinv, upper=True)
 

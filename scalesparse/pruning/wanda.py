@@ -12,7 +12,8 @@ from scalesparse.pruning.base import PRUNERS, Pruner, weight_matrix
 class Wanda(Pruner):
     def __init__(self, layer, **options):
         super().__init__(layer)
-        self.sq_sum = torch.zeros(self.columns, dtype=torch.float64)  # Σ over tokens of x_j²
+        # Σ over tokens of x_j², where the layer is
+        self.sq_sum = torch.zeros(self.columns, dtype=torch.float64, device=layer.weight.device)
 
     def add_batch(self, inp):
         x = inp.reshape(-1, inp.shape[-1]).double()

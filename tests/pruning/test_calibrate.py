@@ -83,3 +83,21 @@ def test_a_model_without_a_block_list_is_refused():
 
     with pytest.raises(ScalesparseError, match="unsupported architecture Odd"):
         find_blocks(Odd())
+
+
+def test_block_keyword_arguments_reach_the_device_inside_tuples_and_dicts():
+    """Llama calls its blocks with position_embeddings=(cos, sin): a tuple of tensors must move too
+    (the meta device stands in for a GPU here)."""
+    from collections import namedtuple
+
+    from scalesparse.pruning.calibrate import to_device
+
+    Pair = namedtuple("Pair", "cos sin")
+    kw = {"position_embeddings": (torch.ones(2), torch.zeros(2)), "mask": torch.ones(1), "cache": None,
+          "nested": {"pair": Pair(torch.ones(1), torch.ones(1)), "ids": [torch.arange(3)]}, "flag": True}  # fmt: skip
+    moved = to_device(kw, "meta")
+    assert all(t.device.type == "meta" for t in moved["position_embeddings"])
+    assert isinstance(moved["position_embeddings"], tuple) and moved["mask"].device.type == "meta"
+    assert isinstance(moved["nested"]["pair"], Pair) and moved["nested"]["pair"].sin.device.type == "meta"
+    assert moved["nested"]["ids"][0].device.type == "meta"
+    assert moved["cache"] is None and moved["flag"] is True

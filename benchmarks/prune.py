@@ -6,8 +6,14 @@ method at 50% unstructured and 2:4, the same calibration (16 × 256 tokens of Th
 same evaluation (Hamlet, sliding windows; see each report.md) for all.
 Part 2: SparseGPT on one random d×d layer with n calibration tokens: Hessian accumulation (∝ n·d²)
 and the solve (∝ d³) timed separately, for growing d.
+On a GPU (`--device cuda`): a LLaMA-7B-shaped decoder (hidden 4096, ffn 11008, 32 heads; random
+weights, `--blocks` of its 32 blocks) pruned block by block on the device with 128 × 2048 calibration
+tokens, seconds per block for each method and the peak GPU memory; targets from issue 14 printed
+beside them (SparseGPT ≤ 4 s per block, Wanda ≤ 1 s, magnitude ≤ 0.5 s on an H100/H200).
 
     .venv/bin/python benchmarks/prune.py [--methods ...] [--widths 256 512 1024 2048] [--out FILE]
+    .venv/bin/python benchmarks/prune.py --device cuda [--blocks 4] [--out FILE]
+    .venv/bin/python benchmarks/prune.py --device cpu --llama-shape tiny    # the GPU part's plumbing
 """
 
 from __future__ import annotations
@@ -134,6 +140,51 @@ def scaling(args) -> list[dict]:
     return rows
 
 
+LLAMA_SHAPES = {
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32, "samples": 128, "seq": 2048},
+    "tiny": {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 4, "samples": 8, "seq": 128},
+}
+TARGET_S_PER_BLOCK = {"sparsegpt": 4.0, "wanda": 1.0, "magnitude": 0.5}
+
+
+def llama_blocks(args) -> dict:
+    """Seconds per block of each method on a LLaMA-shaped model with random weights, on args.device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scalesparse.pruning.calibrate import prune_model
+
+    shape = LLAMA_SHAPES[args.llama_shape]
+    cuda = args.device.startswith("cuda")
+    heads = shape["num_attention_heads"]
+    cfg = LlamaConfig(hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+                      num_attention_heads=heads, num_key_value_heads=heads, num_hidden_layers=args.blocks,
+                      vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (1, shape["seq"]), generator=g) for _ in range(shape["samples"])]
+    rows = {}
+    for method in args.methods:
+        for nm in (None, (2, 4)) if method == "sparsegpt" else (None,):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(cfg).eval()  # a fresh model per method: every one prunes the same weights
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            report = prune_model(model, batches, method, 0.5, nm=nm, device=args.device, progress=False)
+            label = method + (" 2:4" if nm else "")
+            per_block = report.block_seconds
+            row = {"seconds_per_block": statistics.median(per_block), "block_seconds": per_block,
+                   "phase_seconds": report.phases, "total_seconds": report.seconds,
+                   "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                   "target_seconds_per_block": TARGET_S_PER_BLOCK.get(method)}  # fmt: skip
+            rows[label] = row
+            target = f"(target ≤ {row['target_seconds_per_block']} s on an H100/H200)" if cuda else ""
+            mem = f", peak {row['peak_gpu_mb']:,.0f} MiB" if cuda else ""
+            print(f"{label:>14}: {row['seconds_per_block']:.2f} s per block{mem} {target}", flush=True)
+            del model
+    return {"shape": {**shape, "blocks": args.blocks}, "calibration_tokens": shape["samples"] * shape["seq"],
+            "device": torch.cuda.get_device_name() if cuda else "cpu", "methods": rows}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
@@ -145,23 +196,35 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the worker comparison")
     ap.add_argument("--samples", type=int, default=16, help="calibration samples of 256 tokens (workers part)")
     ap.add_argument("--only-workers", action="store_true", help="run just the worker comparison")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/prune.json"))
+    ap.add_argument("--device", default="cpu", help="cuda: only the LLaMA-7B-shaped per-block timing")
+    ap.add_argument("--llama-shape", default="7b", choices=list(LLAMA_SHAPES))
+    ap.add_argument("--blocks", type=int, default=4, help="decoder blocks of the LLaMA-shaped model")
+    ap.add_argument("--out", help="default benchmarks/results/prune.json (prune_cuda.json with --device cuda)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out_path = Path(args.out)
+    if args.device.startswith("cuda") or args.llama_shape != "7b":
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise SystemExit("prune.py: --device cuda but torch sees no CUDA device")
+        out = {"benchmark": "prune_llama_blocks", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               **llama_blocks(args)}  # fmt: skip
+        out_path = Path(args.out or REPO / "benchmarks/results/prune_cuda.json")
+        out_path.write_text(json.dumps(out, indent=1))
+        print(f"wrote {out_path}")
+        return
+    out_path = Path(args.out or REPO / "benchmarks/results/prune.json")
     if args.only_workers:  # add to an existing result file
         out = json.loads(out_path.read_text()) if out_path.is_file() else {"benchmark": "prune"}
         key = "workers" if args.samples == ap.get_default("samples") else f"workers_samples{args.samples}"
         out[key] = workers(args)
         out_path.write_text(json.dumps(out, indent=1))
-        print(f"wrote {args.out}")
+        print(f"wrote {out_path}")
         return
     out = {"benchmark": "prune", "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
            "real_model": [] if args.skip_real else real_model(args), "sparsegpt_scaling": scaling(args),
            "workers": workers(args) if args.workers else None}  # fmt: skip
     out_path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

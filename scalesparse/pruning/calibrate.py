@@ -46,6 +46,8 @@ class PruneReport:
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds this worker spent per phase: calibrate (forward + statistics), reduce (all-reduce),
     solve (its own solves), broadcast (waiting for and receiving the others'), propagate (pruned outputs)."""
+    block_seconds: list[float] = field(default_factory=list)
+    """Wall seconds per decoder block, all phases (device work included: the block's results are read)."""
 
     def timed(self, phase: str, t0: float) -> float:
         now = time.perf_counter()
@@ -183,6 +185,7 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
     measured: dict[str, float] = {}  # seconds per layer name in the previous block: the next block's costs
     bar = tqdm(total=len(blocks), desc=f"{method} {sparsity:.0%}", disable=not progress or comm.rank() != 0)
     for i, block in enumerate(blocks):
+        t_block = time.perf_counter()
         home = next(block.parameters()).device
         block.to(device)
         layers = {n: m for n, m in linear_layers(block).items()
@@ -212,7 +215,8 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
         report.layers += [LayerReport(f"{prefix}.{i}.{n}", *entries[n]) for n in sorted(entries)]
         hidden = [_run_block(block, h.to(device), kwargs).to(h.device) for h in hidden]  # pruned outputs feed on
         report.timed("propagate", t)
-        block.to(home)
+        block.to(home)  # (synchronous from a GPU: the block's work is done when this returns)
+        report.block_seconds.append(time.perf_counter() - t_block)
         bar.update(1)
     bar.close()
     report.seconds = time.perf_counter() - t_start

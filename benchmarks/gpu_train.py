@@ -184,11 +184,26 @@ def main() -> None:
     out_path = Path(args.out or (tempfile.mkdtemp() + "/gpu_train.json" if args.smoke
                                  else REPO / "benchmarks/results/gpu_train.json"))  # fmt: skip
     results: dict[str, dict] = {}
+    out = {
+        "benchmark": "gpu_train",
+        "device": torch.cuda.get_device_name() if cuda else "cpu (smoke: plumbing only, not a measurement)",
+        "peak_tflops": args.peak_tflops,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "global_batch": {n: SHAPES[n]["micro"] * GA for n in shapes},
+        "results": results,
+    }
+
+    def write() -> None:  # after every case: a run cut short by a time limit keeps what it measured
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(out, indent=1))
+
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_data(Path(tmp) / "data", VOCAB, 4_000_000 if cuda else 200_000)
         for name in shapes:
             shape = SHAPES[name]
             row: dict[str, dict] = {}
+            results[name] = {"shape": shape, "cases": row}
             for label, case in cases_for(name, shape, cuda).items():
                 if args.cases and label not in args.cases:
                     continue
@@ -203,6 +218,7 @@ def main() -> None:
                 except Exception as e:  # e.g. megablocks not installed: recorded, the rest still runs
                     row[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                     print(f"[{name}] {label:<28} failed: {row[label]['error']}", flush=True)
+                    write()
                     continue
                 fpt = flops_per_token(shape, case.get("extra", {}))
                 r |= {"steps": steps, "train_flops_per_token": fpt,
@@ -210,6 +226,7 @@ def main() -> None:
                 row[label] = r
                 mem = f"{r['peak_mem_mb']:,.0f} MiB peak" if r["peak_mem_mb"] else ""
                 print(f"[{name}] {label:<28} {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  {mem}", flush=True)
+                write()
             ratios = {}
             tps = {label: r["tokens_per_s"] for label, r in row.items() if "error" not in r}
             if "project dense" in tps and "lean compiled" in tps:
@@ -219,18 +236,8 @@ def main() -> None:
                     ratios[f"{label[8:]} / dense"] = tps[label] / tps["project dense"]
             for k, v in ratios.items():
                 print(f"[{name}] {k}: {v:.3f}")
-            results[name] = {"shape": shape, "cases": row, "ratios": ratios}
-    out = {
-        "benchmark": "gpu_train",
-        "device": torch.cuda.get_device_name() if cuda else "cpu (smoke: plumbing only, not a measurement)",
-        "peak_tflops": args.peak_tflops,
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "global_batch": {n: SHAPES[n]["micro"] * GA for n in shapes},
-        "results": results,
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=1))
+            results[name]["ratios"] = ratios
+            write()
     print(f"wrote {out_path}")
 
 

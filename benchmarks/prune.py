@@ -147,8 +147,9 @@ LLAMA_SHAPES = {
 TARGET_S_PER_BLOCK = {"sparsegpt": 4.0, "wanda": 1.0, "magnitude": 0.5}
 
 
-def llama_blocks(args) -> dict:
-    """Seconds per block of each method on a LLaMA-shaped model with random weights, on args.device."""
+def llama_blocks(args, write=lambda rows: None) -> dict:
+    """Seconds per block of each method on a LLaMA-shaped model with random weights, on args.device;
+    `write(result so far)` after each method."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from scalesparse.pruning.calibrate import prune_model
@@ -162,6 +163,8 @@ def llama_blocks(args) -> dict:
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (1, shape["seq"]), generator=g) for _ in range(shape["samples"])]
     rows = {}
+    result = {"shape": {**shape, "blocks": args.blocks}, "calibration_tokens": shape["samples"] * shape["seq"],
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "methods": rows}  # fmt: skip
     for method in args.methods:
         for nm in (None, (2, 4)) if method == "sparsegpt" else (None,):
             torch.manual_seed(0)
@@ -181,8 +184,8 @@ def llama_blocks(args) -> dict:
             mem = f", peak {row['peak_gpu_mb']:,.0f} MiB" if cuda else ""
             print(f"{label:>14}: {row['seconds_per_block']:.2f} s per block{mem} {target}", flush=True)
             del model
-    return {"shape": {**shape, "blocks": args.blocks}, "calibration_tokens": shape["samples"] * shape["seq"],
-            "device": torch.cuda.get_device_name() if cuda else "cpu", "methods": rows}  # fmt: skip
+            write(result)
+    return result
 
 
 def main() -> None:
@@ -205,10 +208,13 @@ def main() -> None:
     if args.device.startswith("cuda") or args.llama_shape != "7b":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise SystemExit("prune.py: --device cuda but torch sees no CUDA device")
-        out = {"benchmark": "prune_llama_blocks", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-               **llama_blocks(args)}  # fmt: skip
         out_path = Path(args.out or REPO / "benchmarks/results/prune_cuda.json")
-        out_path.write_text(json.dumps(out, indent=1))
+        head = {"benchmark": "prune_llama_blocks", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+
+        def write(result: dict) -> None:
+            out_path.write_text(json.dumps({**head, **result}, indent=1))
+
+        write(llama_blocks(args, write))
         print(f"wrote {out_path}")
         return
     out_path = Path(args.out or REPO / "benchmarks/results/prune.json")

@@ -38,7 +38,10 @@ def corpus_path() -> str | None:
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+    """$SCALESPARSE_TEST_CACHE (a cache prepared elsewhere: the GPU run script carries one to a
+    machine without `datasets`), else a fresh folder."""
+    env = os.environ.get("SCALESPARSE_TEST_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="session")

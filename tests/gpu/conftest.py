@@ -1,9 +1,8 @@
-"""Data for the GPU tests: the corpus prepared once per session (on a machine without `datasets`,
-point SCALESPARSE_TEST_CACHE at a cache folder prepared elsewhere: the run script carries one)."""
+"""The corpus prepared once per session for the GPU tests (from the shared cache when
+$SCALESPARSE_TEST_CACHE names one: the GPU machine has no `datasets` to prepare it)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,7 @@ def prepared(small_data):
     from scalesparse.config import DataConfig
     from scalesparse.data import prepare_data
 
-    d = dict(small_data)
-    if os.environ.get("SCALESPARSE_TEST_CACHE"):
-        d["cache_dir"] = os.environ["SCALESPARSE_TEST_CACHE"]
-    return prepare_data(DataConfig(**d))
+    return prepare_data(DataConfig(**small_data))
 
 
 @pytest.fixture(scope="session")

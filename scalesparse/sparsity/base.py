@@ -125,7 +125,7 @@ class Sparsifier:
 
     def _place(self, views: list[LayerView]) -> None:
         """Move the masks to the views' device if they are elsewhere (once: then they stay)."""
-        device = next((v.weight.device for v in views), None)
+        device = next((v.weight.device for v in views if v.weight.numel()), None)
         if device is None or not self.masks or next(iter(self.masks.values())).device == device:
             return
         self.masks = {n: m.to(device) for n, m in self.masks.items()}

@@ -192,7 +192,7 @@ def param_views(engine, params: dict[str, nn.Parameter], with_grads: bool = Fals
         elif hasattr(p, "_hp_mapping"):  # ZeRO-1/2 (and DeepSpeed's bf16 optimizer): fp32 fragments
             m = p._hp_mapping
             if m is None:  # this rank owns no part of this weight
-                empty = torch.empty(0)
+                empty = torch.empty(0, device=p.device)
                 views.append(LayerView(name, shape, 0, empty, empty if with_grads else None, []))
                 continue
             start = m.lp_fragment_address.start

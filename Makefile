@@ -12,7 +12,7 @@ DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv system-deps test test-quick gpu-test demo lint clean
+.PHONY: venv system-deps test test-quick gpu-test megablocks demo lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-quick: $(STAMP)
 # The CUDA tests alone (on a GPU machine, with TORCH_SPEC set to its CUDA build); they skip without CUDA.
 gpu-test: $(STAMP)
 	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
+
+# MegaBlocks built against the torch in .venv (any CUDA build; patched for CUDA 13): see the README.
+megablocks: $(STAMP)
+	PY=$(PY) scripts/install_megablocks.sh
 
 demo: $(STAMP)
 	$(VENV)/bin/scalesparse train configs/tiny.yaml --set run_dir=$(DEMO_DIR)

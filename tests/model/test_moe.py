@@ -1,5 +1,6 @@
 """MoE exactness: grouped == per-expert loop == transformers' Mixtral block, outputs and gradients."""
 
+import functools
 import math
 
 import pytest
@@ -154,11 +155,32 @@ def reference_gmm(a, b, batch_sizes, trans_b=False):
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 def test_megablocks_composition_equals_the_per_expert_loop(activation):
+    """fp32: MegaBlocks' routing around one GEMM per expert (grouped_gemm is bf16-only)."""
     layer, loop = make_layer("grouped", activation), make_layer("loop", activation)
     loop.load_state_dict(layer.state_dict())
-    layer.backend = lambda x, w, e, ex: backends.megablocks_moe(x, w, e, ex, MegaBlocksReferenceOps, reference_gmm)
+    layer.backend = lambda x, w, e, ex: backends.megablocks_moe(x, w, e, ex, MegaBlocksReferenceOps,
+                                                                backends.megablocks_expert_mlp)  # fmt: skip
     x = torch.randn(2, 37, D)
     assert_same(run(layer, x), run(loop, x))
+
+
+def test_megablocks_composition_in_bf16_runs_the_grouped_gemm():
+    """bf16: the gathered rows go through grouped_gemm's gmm (a reference here), checked against
+    the loop in bf16 within bf16 tolerance."""
+    calls = []
+
+    def gmm(a, b, batch_sizes, trans_b=False):
+        calls.append(a.dtype)
+        return reference_gmm(a, b, batch_sizes, trans_b)
+
+    mlp = functools.partial(backends.megablocks_expert_mlp, gmm=gmm)
+    layer, loop = make_layer("grouped"), make_layer("loop")
+    loop.load_state_dict(layer.state_dict())
+    layer, loop = layer.to(torch.bfloat16), loop.to(torch.bfloat16)
+    layer.backend = lambda x, w, e, ex: backends.megablocks_moe(x, w, e, ex, MegaBlocksReferenceOps, mlp)
+    x = torch.randn(64, D, dtype=torch.bfloat16)
+    assert_close_rel(run(layer, x), run(loop, x), rel=2e-2)
+    assert calls == [torch.bfloat16] * 2  # the two expert GEMMs ran through gmm
 
 
 def test_experts_compute_in_the_inputs_dtype():

@@ -12,7 +12,8 @@
              sync (group offsets come from a device-side search of the sorted expert ids)
 * megablocks MegaBlocks' dropless machinery as its dMoE runs it (`mlp_impl="grouped"`): its CUDA sort,
              histogram and cumsum for the routing, its fused gather/scatter (the scatter applies the
-             routing weights), and its grouped GEMM (optional `gpu` extra)
+             routing weights), and its grouped GEMM, which is bf16-only (in fp32 the experts run one
+             GEMM each between MegaBlocks' routing kernels) (optional `gpu` extra)
 
 Each backend also has a `sorted` form, the experts on rows already grouped by expert, which expert
 parallelism runs on the tokens that arrive from other ranks (SORTED_MLPS).
@@ -265,45 +266,47 @@ def megablocks_unavailable_reason() -> str | None:
     return None
 
 
-def megablocks_moe(x, weights, experts, ex: Experts, ops, gmm) -> torch.Tensor:
+def megablocks_moe(x, weights, experts, ex: Experts, ops, expert_mlp: SortedMLP) -> torch.Tensor:
     """MegaBlocks dMoE's grouped forward (ParallelDroplessMLP.grouped_forward_once) on our weights.
 
-    ops: sort, histogram, inclusive_cumsum, gather, scatter with MegaBlocks' signatures; gmm: its
-    grouped GEMM gmm(a, b, batch_sizes (host, int64), trans_b). Indices are over the N·k assignments;
-    gather copies row index // k of x; scatter writes each row back to its assignment scaled by its
-    routing weight and sums each token's k rows.
+    ops: sort, histogram, inclusive_cumsum, gather, scatter with MegaBlocks' signatures. Indices are
+    over the N·k assignments; gather copies row index // k of x; scatter writes each row back to its
+    assignment scaled by its routing weight and sums each token's k rows. `expert_mlp` runs the
+    experts on the gathered rows (megablocks_expert_mlp: MegaBlocks' grouped GEMM).
     """
     N, k = experts.shape
     dtype = compute_dtype(x)
-    w1, w2 = expert_weights(ex, dtype)
     flat = experts.reshape(-1).int()
     with torch.no_grad():
         bin_ids, indices = ops.sort(flat, max(1, math.ceil(math.log2(ex.num_experts))))
         tokens_per_expert = ops.histogram(flat, ex.num_experts)
         bins = ops.inclusive_cumsum(tokens_per_expert, 0).view(-1)
     xs = ops.gather(x.to(dtype), indices, bin_ids, bins, k)
-    batch_sizes = tokens_per_expert.cpu().to(torch.long)  # the grouped GEMM plans on the host
-    h = ex.act(gmm(xs, w1, batch_sizes, trans_b=True))
-    ys = gmm(h, w2, batch_sizes, trans_b=True)
-    return ops.scatter(ys, indices, bin_ids, weights.reshape(-1).to(dtype), bins, k).to(x.dtype)
+    ys = expert_mlp(xs, tokens_per_expert, ex)
+    return ops.scatter(ys, indices, bin_ids, weights.reshape(-1).to(ys.dtype), bins, k).to(x.dtype)
+
+
+@SORTED_MLPS.register("megablocks")
+def megablocks_expert_mlp(xs: torch.Tensor, counts: torch.Tensor, ex: Experts, gmm=None) -> torch.Tensor:
+    """MegaBlocks' grouped GEMM (grouped_gemm's gmm, as its GroupedMLP calls it). Its kernels take bf16
+    only: in fp32 the experts run one cuBLAS GEMM each (the blocked path), between MegaBlocks' routing."""
+    xs = xs.to(compute_dtype(xs))
+    if xs.dtype != torch.bfloat16:
+        return blocked_expert_mlp(xs, counts, ex)
+    if gmm is None:
+        from megablocks import grouped_gemm_util as gg
+
+        gmm = gg.ops.gmm
+    w1, w2 = expert_weights(ex, xs.dtype)
+    batch_sizes = counts.cpu().to(torch.long)  # the grouped GEMM plans on the host, as in MegaBlocks
+    return gmm(ex.act(gmm(xs, w1, batch_sizes, trans_b=True)), w2, batch_sizes, trans_b=True)
 
 
 @BACKENDS.register("megablocks")
 def megablocks_backend(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, ex: Experts) -> torch.Tensor:
-    from megablocks import grouped_gemm_util as gg
     from megablocks import ops
 
-    return megablocks_moe(x, weights, experts, ex, ops, gg.ops.gmm)
-
-
-@SORTED_MLPS.register("megablocks")
-def megablocks_expert_mlp(xs: torch.Tensor, counts: torch.Tensor, ex: Experts) -> torch.Tensor:
-    from megablocks import grouped_gemm_util as gg
-
-    xs = xs.to(compute_dtype(xs))
-    w1, w2 = expert_weights(ex, xs.dtype)
-    batch_sizes = counts.cpu().to(torch.long)
-    return gg.ops.gmm(ex.act(gg.ops.gmm(xs, w1, batch_sizes, trans_b=True)), w2, batch_sizes, trans_b=True)
+    return megablocks_moe(x, weights, experts, ex, ops, megablocks_expert_mlp)
 
 
 def choose_backend(cfg: MoEConfig) -> tuple[str, str]:

@@ -31,8 +31,10 @@ def worker_device(cfg: Config) -> torch.device:
 
 
 def select_accelerator(cfg: Config) -> None:
-    """Pin DeepSpeed's accelerator before it is imported (its auto-detection probes other vendors)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda(cfg) else "cpu")
+    """Pin DeepSpeed's accelerator before it is imported (its auto-detection probes other vendors).
+    Set from the config, not defaulted: a value inherited from the launching process (a CPU test
+    session starting GPU workers, say) must not put a GPU run on DeepSpeed's CPU accelerator."""
+    os.environ["DS_ACCELERATOR"] = "cuda" if use_cuda(cfg) else "cpu"
 
 
 def expert_parallel(cfg: Config) -> bool:

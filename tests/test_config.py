@@ -67,6 +67,8 @@ def test_wrong_type_and_literal_values():
          "moe.expert_parallel: 2 is not allowed; needs parallel.zero_stage <= 2"),
         ({"model": {"mlp": "moe"}, "moe": {"expert_parallel": 2, "capacity_factor": 1.0}, "parallel": {"workers": 2}},
          "moe.expert_parallel: 2 is not allowed; is dropless only"),
+        ({"model": {"mlp": "moe"}, "moe": {"expert_parallel": 2, "backend": "loop"}, "parallel": {"workers": 2}},
+         "moe.expert_parallel: 2 is not allowed; runs grouped or megablocks kernels; moe.backend loop cannot"),
         ({"sparsity": {"sparsity": 1.0}}, "sparsity.sparsity: 1.0 is not allowed; must be in [0, 1)"),
         ({"sparsity": {"granularity": "nm", "n": 4, "m": 4}}, "sparsity.n: 4 is not allowed; must satisfy 0 < N < M"),
     ],
@@ -152,3 +154,9 @@ def test_bf16_on_a_gpu_without_bfloat16_units_is_refused_in_one_line():
         check_bf16(cfg, supported=False, gpu="Tesla V100-SXM2-32GB")
     check_bf16(cfg, supported=True, gpu="NVIDIA H200")  # Ampere and later
     check_bf16(config_from_dict({"resources": {"gpus_per_worker": 1}}), supported=False, gpu="Tesla V100")  # fp32
+
+
+def test_expert_parallelism_takes_the_megablocks_backend_on_gpus():
+    cfg = config_from_dict({"model": {"mlp": "moe"}, "moe": {"expert_parallel": 2, "backend": "megablocks"},
+                            "parallel": {"workers": 2}, "resources": {"gpus_per_worker": 1}})  # fmt: skip
+    assert cfg.moe.backend == "megablocks"

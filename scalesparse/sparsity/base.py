@@ -58,9 +58,11 @@ class LayerView:
         return self.start + self.weight.numel()
 
 
-def derived_generator(seed: int, step: int, name: str) -> torch.Generator:
+def derived_generator(seed: int, step: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from (seed, step, name): every rank draws the same numbers. On `device`
+    (the GPU's Philox stream there: the same on every GPU rank, other numbers than the CPU's)."""
     digest = hashlib.sha256(f"{seed}/{step}/{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
 class Sparsifier:

@@ -181,14 +181,16 @@ class DST:
         self.sparsifier = SPARSIFIERS.get(cfg.sparsity.method)(cfg.sparsity, shapes, cfg.train.steps, cfg.seed)
         self.pending: dict[str, Any] = {}
 
-    def init_masks(self, model, first_micro_batches) -> None:
+    def init_masks(self, model, first_micro_batches, device: torch.device | str = "cpu") -> None:
         from scalesparse.sparsity.local import local_views
 
         if getattr(self.sparsifier, "needs_dense_gradient", False):
             # pruning at initialisation: one dense gradient of the first global batch (the only dense
-            # all-reduce of gradients sparsity ever does)
+            # all-reduce of gradients sparsity ever does), on the worker's device (DeepSpeed, which
+            # moves the model there next, finds it there already)
+            model.to(device)
             for x, y in first_micro_batches:
-                loss = model(x, y)[1] / len(first_micro_batches)
+                loss = model(x.to(device), y.to(device))[1] / len(first_micro_batches)
                 loss.backward()
             for layer in self.layers.values():
                 comm.all_reduce_mean(layer.weight.grad)
@@ -334,7 +336,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     schedule = BatchSchedule(len(train_blocks), cfg.seed)
     if dst is not None and resume is None:
         first = schedule.global_batch(0, cfg.train.global_batch_size)
-        dst.init_masks(model, [train_blocks.get(rank_slice(first, m, rank, world, micro)) for m in range(ga)])
+        dst.init_masks(model, [train_blocks.get(rank_slice(first, m, rank, world, micro)) for m in range(ga)], device)
     engine = build_engine(model, cfg, world)
     moe_stats = MoEStats(engine.module.moe_layers())
 

@@ -2,6 +2,7 @@
 check, runnable on CPU too (tests/gpu/test_harness.py proves the harness there).
 
     python -m tests.gpu.harness CASES.json OUT.json
+    python -m tests.gpu.harness --preflight   # the GPU tests' cases that CPU can run, on the CPU
 
 CASES.json: {"data": PreparedData dict, "root": folder, "cases": {name: case}}, a case being
 {"device": "cuda" | "cpu", "overrides": {section: {key: value}}, "resume_at": step or null,
@@ -110,8 +111,36 @@ def main(cases_path: str, out_path: str) -> None:
         Path(out_path).write_text(json.dumps(results, indent=1))  # after every case: a crash keeps the rest
 
 
-if __name__ == "__main__":
-    main(*sys.argv[1:3])
+def preflight() -> None:
+    """Run tests/gpu/test_train_cuda.py's cases on the CPU (all but bf16 and megablocks, which need a
+    GPU): a check of the cases' configs and expectations before device time is spent on them."""
+    import os
+    import tempfile
+
+    from scalesparse.config import DataConfig
+    from scalesparse.data import prepare_data
+    from tests.conftest import SHARED_TARBALL
+    from tests.gpu.test_train_cuda import CASES
+
+    corpus = os.environ.get("SCALESPARSE_TEST_CORPUS") or (str(SHARED_TARBALL) if SHARED_TARBALL.is_file() else None)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = prepare_data(DataConfig(vocab_size=512, cache_dir=os.environ.get("SCALESPARSE_TEST_CACHE", tmp),
+                                       path=corpus))  # fmt: skip
+        cases = {n: {**c, "device": "cpu"} for n, c in CASES.items() if "bf16" not in n and "megablocks" not in n}
+        results = run_cases(cases, data, Path(tmp) / "preflight")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<28} ERROR {r['error'].splitlines()[-1]}")
+            continue
+        loss = r["losses"]
+        resumed = r.get("resumed_losses")
+        same = "" if resumed is None else f" resumed==uninterrupted {all(resumed[s] == loss[s] for s in resumed)}"
+        sparsity = f" sparsity {r['dst'][-1]['sparsity']:.4f}" if r["dst"] else ""
+        export = "" if "exported_val_loss" not in r else \
+            f" export val {r['exported_val_loss']:.5f} vs {r['final_val_loss']:.5f}"
+        print(f"{name:<28} loss {loss['1']:.4f} -> {loss[str(STEPS)]:.4f}{sparsity}{same}{export}")
+
+
 
 
 def run_cases(cases: dict[str, dict], data, root: Path, timeout: int = 1800) -> dict[str, Any]:
@@ -129,3 +158,10 @@ def run_cases(cases: dict[str, dict], data, root: Path, timeout: int = 1800) -> 
     if proc.returncode != 0 or not out.is_file():
         raise RuntimeError(f"harness exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--preflight"]:
+        preflight()
+    else:
+        main(*sys.argv[1:3])

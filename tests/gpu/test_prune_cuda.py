@@ -35,10 +35,13 @@ def test_cuda_walk_equals_the_cpu_walk(name, method, nm):
     gpu, gpu_report = pruned_weights(name, method, "cuda", nm)
     for layer in cpu:
         a, b = cpu[layer], gpu[layer]
-        same_mask = ((a == 0) == (b == 0)).float().mean()
-        assert same_mask >= 0.995, f"{layer}: masks agree on {float(same_mask):.4f}"  # ties aside
-        both = (a != 0) & (b != 0)
-        torch.testing.assert_close(b[both], a[both], rtol=1e-3, atol=1e-4, msg=layer)
+        same = (a == 0) == (b == 0)
+        assert same.float().mean() >= 0.995, f"{layer}: masks agree on {float(same.float().mean()):.4f}"  # ties aside
+        # a mask flipped at a near-tie changes SparseGPT's error compensation for the rest of that row:
+        # values are compared on the rows whose masks agree entirely (nearly all of them)
+        rows = same.all(dim=1)
+        assert rows.float().mean() >= 0.9, f"{layer}: {int((~rows).sum())} rows with a different mask"
+        torch.testing.assert_close(b[rows], a[rows], rtol=1e-3, atol=1e-4, msg=layer)
     errors = [r.rel_error for r in cpu_report.layers]
     assert [r.rel_error for r in gpu_report.layers] == pytest.approx(errors, rel=1e-2, abs=1e-6)
 

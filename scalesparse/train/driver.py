@@ -102,7 +102,7 @@ def check_compatible(state: dict[str, Any], cfg: Config, vocab: int, where: Path
         raise CheckpointError(f"{where}: written for another model shape ({mismatch})")
     if state["vocab_size"] != vocab:
         raise CheckpointError(f"{where}: vocabulary of {state['vocab_size']} tokens, the data has {vocab}")
-    if elastic.layout(state) == elastic.layout_of(cfg):
+    if not elastic.reshaped(state, cfg):
         return
     if "elastic" not in state:  # written before checkpoints carried layout-free shards
         raise CheckpointError(

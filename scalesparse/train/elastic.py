@@ -217,6 +217,11 @@ def layout_of(cfg: Config) -> tuple[int, int, int]:
     return cfg.parallel.workers, cfg.parallel.zero_stage, cfg.moe.expert_parallel if cfg.model.mlp == "moe" else 1
 
 
+def reshaped(state: dict[str, Any], cfg: Config) -> bool:
+    """Was this checkpoint written by another worker count, ZeRO stage or expert-parallel degree?"""
+    return layout(state) != layout_of(cfg)
+
+
 def describe(lay: tuple[int, int, int]) -> str:
     workers, stage, ep = lay
     return f"{workers} worker{'s' if workers > 1 else ''} ZeRO-{stage}" + (f" EP-{ep}" if ep > 1 else "")

@@ -246,18 +246,24 @@ def adam_step(engine) -> int | None:
     return None
 
 
+def adam_step_device(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> torch.device:
+    """Where torch's AdamW keeps a parameter's step count: beside it when fused or capturable (their
+    kernels read it on the device), else on the CPU."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    return p.device if on_device else torch.device("cpu")
+
+
 def prepare_optimizer_state(engine, step: int) -> None:
     """Create Adam's state before the first step, as torch would at that step (zero moments), with
     its step count set to `step`, and link DeepSpeed's per-parameter views onto it; a resume then
     writes the saved moments through `param_views`. (torch creates the state lazily in `step()`.)"""
     inner = _inner_optimizer(engine)
-    on_device = inner.defaults.get("fused") or inner.defaults.get("capturable")
     for p in _optimized_tensors(engine):
         state = inner.state[p]
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device if on_device else "cpu")
+        state["step"] = torch.tensor(float(step), dtype=torch.float32, device=adam_step_device(inner, p))
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if link is not None:  # ZeRO-1/2: per-parameter fragments of the flat state, made on first step
         link()

@@ -24,7 +24,7 @@ from scalesparse import comm
 from scalesparse.config import Config
 from scalesparse.errors import CheckpointError
 from scalesparse.model.moe.expert_parallel import shard_experts
-from scalesparse.train.engine import ADAM_KEYS, local_grads
+from scalesparse.train.engine import ADAM_KEYS, adam_step_device, local_grads
 
 
 def shard_file(rank: int) -> str:
@@ -40,9 +40,8 @@ class ExpertParallel:
         self.params = shard_experts(model, self.rank, self.world, self.device)
         t = cfg.train
         self.clip = t.grad_clip
-        self.fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                           weight_decay=t.weight_decay, fused=self.fused)  # fmt: skip
+                                           weight_decay=t.weight_decay, fused=self.device.type == "cuda")  # fmt: skip
         self.grad_norm: float | None = None
 
     def set_lr(self, lr: float) -> None:
@@ -96,7 +95,7 @@ class ExpertParallel:
                     raise CheckpointError(f"{path}: no {name} of shape {tuple(p.shape)}")
                 p.copy_(tensors[name])
                 state = {key: tensors[f"optim/{key}/{name}"].to(self._state_device(key, p), copy=True)
-                         for key in ("step", "exp_avg", "exp_avg_sq") if f"optim/{key}/{name}" in tensors}  # fmt: skip
+                         for key in ("step", *ADAM_KEYS) if f"optim/{key}/{name}" in tensors}  # fmt: skip
                 if state:
                     self.optimizer.state[p] = state
 
@@ -114,8 +113,8 @@ class ExpertParallel:
                 self.optimizer.state[p] = {"step": step, **state}
 
     def _state_device(self, key: str, p: torch.Tensor) -> torch.device:
-        """Adam keeps its moments beside the weights, and the step count there only when fused."""
-        return p.device if key != "step" or self.fused else torch.device("cpu")
+        """Adam keeps its moments beside the weights; its step count where adam_step_device says."""
+        return adam_step_device(self.optimizer, p) if key == "step" else p.device
 
 
 def consolidate_experts(folder: Path) -> dict[str, torch.Tensor]:

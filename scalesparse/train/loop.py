@@ -140,17 +140,12 @@ def save_checkpoint(checkpointer: ckpt.Checkpointer, engine, cfg: Config, state:
     return checkpointer.save(state.step, write_shards, meta)
 
 
-def reshaped(meta: dict[str, Any], cfg: Config) -> bool:
-    """Was this checkpoint written by another worker count, ZeRO stage or expert-parallel degree?"""
-    return elastic.layout(meta) != elastic.layout_of(cfg)
-
-
 def load_checkpoint(engine, folder: Path, cfg: Config, sparsity: DST | None = None,
                     experts: ExpertParallel | None = None) -> TrainState:  # fmt: skip
     meta = ckpt.read_state(folder)
     if sparsity is not None:  # masks are the same on every rank and for every layout
         sparsity.sparsifier.load_state_dict(load_file(str(folder / "sparsity.safetensors")))
-    if reshaped(meta, cfg):  # another worker count / ZeRO stage: our layout-free shards
+    if elastic.reshaped(meta, cfg):  # another worker count / ZeRO stage: our layout-free shards
         elastic.load_state(folder, engine, meta["step"], meta["samples_seen"], experts)
         if meta["world_size"] == comm.world_size():  # the same ranks: their random streams go on
             _set_rng_state(load_file(str(folder / f"rng_rank{comm.rank()}.safetensors")))
@@ -348,7 +343,8 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
         # what resuming cost (slowest rank; peak resident memory of the process so far, load included)
         cost = comm.all_gather_object((time.perf_counter() - t_load, peak_memory_mb()))
         resumed = {"step": state.step, "resume_s": max(c[0] for c in cost), "resume_peak_mb": max(c[1] for c in cost),
-                   "resume_reshaped": reshaped(ckpt.read_state(resume), cfg), "resume_from": resume.name}  # fmt: skip
+                   "resume_reshaped": elastic.reshaped(ckpt.read_state(resume), cfg),
+                   "resume_from": resume.name}  # fmt: skip
     else:
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout streams differ per rank, reproducibly
 

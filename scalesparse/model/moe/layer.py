@@ -66,6 +66,7 @@ class MoEMLP(nn.Module):
         self.experts = Experts(moe.num_experts, cfg.d_model, expert_hidden(cfg, moe), cfg.activation == "swiglu")
         self.backend_name = resolve_backend(moe)
         self.backend = BACKENDS.get(self.backend_name)
+        self.sorted_mlp = SORTED_MLPS.get(self.backend_name)  # what expert parallelism runs
         self.aux_loss: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
         self.expert_parallel = 1  # set by expert_parallel.shard_experts
@@ -76,7 +77,7 @@ class MoEMLP(nn.Module):
         routing = self.router(flat)
         E = self.moe.num_experts
         if self.expert_parallel > 1:
-            y = expert_parallel_forward(flat, routing, self.experts, E, SORTED_MLPS.get(self.backend_name))
+            y = expert_parallel_forward(flat, routing, self.experts, E, self.sorted_mlp)
             dropped = flat.new_zeros((), dtype=torch.float32)
         elif self.moe.capacity_factor is None:
             y = self.backend(flat, routing.weights, routing.experts, self.experts)

@@ -248,8 +248,10 @@ class TrainConfig:
     """torch.compile the model (DeepSpeed's engine.compile): the fast path on GPUs; the first steps
     pay the compilation."""
     deterministic: bool = False
-    """Deterministic CUDA kernels (torch.use_deterministic_algorithms): bit-identical reruns and
-    resumes on a GPU, at some speed (CPU training is deterministic anyway)."""
+    """Deterministic CUDA kernels for bit-identical reruns and resumes on a GPU: fixed cuBLAS
+    workspaces, torch's deterministic algorithms (warn-only) and math attention instead of flash /
+    memory-efficient (slower, more memory at long sequences; train/engine.use_deterministic_kernels).
+    CPU training is deterministic anyway."""
 
     def _checks(self) -> Iterator[Problem]:
         for name in ("steps", "global_batch_size", "micro_batch_size", "lr", "eps"):

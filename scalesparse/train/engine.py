@@ -37,6 +37,27 @@ def select_accelerator(cfg: Config) -> None:
     os.environ["DS_ACCELERATOR"] = "cuda" if use_cuda(cfg) else "cpu"
 
 
+def use_deterministic_kernels(on: bool) -> None:
+    """Bit-identical reruns and resumes on a GPU (train.deterministic), or the fastest kernels.
+
+    Three sources of run-to-run noise on CUDA: cuBLAS's split-K workspaces (fixed by its workspace
+    setting, read when its first handle is made: call this before the model reaches the GPU), ops
+    that accumulate with atomics (torch's deterministic mode; warn-only, so an op without a
+    deterministic kernel warns instead of stopping a run), and attention: the flash, memory-efficient
+    and cuDNN backends of scaled_dot_product_attention accumulate their backward with atomics, and in
+    warn-only mode stay non-deterministic. So the deterministic mode trains with the math backend,
+    which materialises the (T, T) scores: slower and more memory at long sequences. CPU training is
+    deterministic either way."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    # set both ways: one process may run several configs (train/single.py)
+    torch.backends.cuda.enable_flash_sdp(not on)
+    torch.backends.cuda.enable_mem_efficient_sdp(not on)
+    torch.backends.cuda.enable_cudnn_sdp(not on)
+    torch.backends.cuda.enable_math_sdp(True)
+
+
 def expert_parallel(cfg: Config) -> bool:
     return cfg.model.mlp == "moe" and cfg.moe.expert_parallel > 1
 

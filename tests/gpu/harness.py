@@ -1,21 +1,32 @@
 """Training cases through the worker loop in one process (world size 1, no Ray): what the GPU tests
-check, runnable on CPU too (tests/gpu/test_harness.py proves the harness there).
+check, runnable on CPU too (tests/gpu/test_harness.py proves the harness there; the GPU rehearsal,
+scripts/gpu_session.sh with REHEARSE=1, runs the whole matrix on the CPU).
 
-    python -m tests.gpu.harness CASES.json OUT.json
-    python -m tests.gpu.harness --preflight   # the GPU tests' cases that CPU can run, on the CPU
+    python -m tests.gpu.harness matrix [--device cuda|cpu] [--only SUBSTR | --exclude SUBSTR]
+                                       [--results FILE.jsonl] [--case-timeout S] [--budget-s S]
+    python -m tests.gpu.harness --preflight    # = matrix --device cpu, with a one-line verdict per case
 
-CASES.json: {"data": PreparedData dict, "root": folder, "cases": {name: case}}, a case being
-{"device": "cuda" | "cpu", "overrides": {section: {key: value}}, "resume_at": step or null,
-"export": bool}. OUT.json gets, per case: the per-step training losses, validation losses, the DST
-log (sparsity, mask hashes), peak CUDA memory, and with resume_at the losses of a run resumed from
-that step's checkpoint in a fresh run directory; with export, the exported model's validation loss
-recomputed on the CPU beside the run's own final one. One failing case is reported, not fatal.
+A case is {"device": "cuda" | "cpu", "overrides": {section: {key: value}}, "resume_at": step or null,
+"export": bool}. Its result: the per-step training losses, validation losses, the DST log (sparsity,
+mask hashes), peak CUDA memory, and with resume_at the losses of a run resumed from that step's
+checkpoint in a fresh run directory; with export, the exported model's validation loss recomputed
+on the CPU beside the run's own final one. One failing case is reported, not fatal.
+
+Results stream to a JSON-lines file, one line per finished case, as they finish: a run cut short
+(a time budget, a hang, a crash) keeps every case it finished, and a later call with the same file
+runs only the cases it lacks (so the GPU run's matrix runs once, whatever pytest selects). Each case
+has a time limit: a case that exceeds it is killed with its process, recorded as an error, and the
+remaining cases go on in a fresh process.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -23,6 +34,31 @@ from typing import Any
 import torch
 
 STEPS, CHECKPOINT_EVERY = 8, 4
+REPO = Path(__file__).resolve().parents[2]
+CASE_TIMEOUT_S = 240  # a case is seconds on a GPU (DeepSpeed set-up, 8 tiny steps, maybe a resume)
+
+
+def rehearsing() -> bool:
+    """The GPU rehearsal (scripts/gpu_session.sh, REHEARSE=1): the GPU tests' cases run on the CPU."""
+    return os.environ.get("SCALESPARSE_GPU_REHEARSAL") == "1"
+
+
+def on_cpu(case: dict) -> dict:
+    """A GPU case as the CPU can run it: fp32 (bf16 training needs a GPU; the case's resume, export
+    and DST checks still run), marked so its result says what it was."""
+    overrides = json.loads(json.dumps(case.get("overrides", {})))
+    rehearsed_as = None
+    if overrides.get("train", {}).get("dtype") == "bf16":
+        overrides["train"]["dtype"] = rehearsed_as = "fp32"
+    return {**case, "device": "cpu", "overrides": overrides, "rehearsed_as": rehearsed_as}
+
+
+def device_of(case: dict) -> str:
+    return case.get("device", "cuda")
+
+
+def runnable_on_cpu(name: str) -> bool:
+    return "megablocks" not in name  # MegaBlocks' kernels are CUDA-only
 
 
 def base_config(device: str, run_dir: Path, data_dir: str) -> dict[str, Any]:
@@ -70,12 +106,14 @@ def run_case(case: dict, data, root: Path) -> dict[str, Any]:
     from scalesparse.train import checkpoint as ckpt
     from scalesparse.train.single import train_in_process
 
-    device = case.get("device", "cuda")
+    device = device_of(case)
     cfg_dict = merged(base_config(device, root / "run", str(root / "cache")), case.get("overrides", {}))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rows = train_in_process(config_from_dict(cfg_dict), data)
     out: dict[str, Any] = {
+        "device": device,
+        "rehearsed_as": case.get("rehearsed_as"),
         "losses": {r["step"]: r["loss"] for r in rows if "loss" in r},
         "val": {r["step"]: r["val_loss"] for r in rows if "val_loss" in r},
         "dst": [r for r in rows if "mask_hash" in r],
@@ -93,75 +131,206 @@ def run_case(case: dict, data, root: Path) -> dict[str, Any]:
         out["exported_val_loss"] = exported_val_loss(final, root / "exported", data, cfg_dict["model"]["seq_len"],
                                                      cfg_dict["data"]["val_blocks"])  # fmt: skip
         out["final_val_loss"] = out["val"][max(out["val"])]
+    return json.loads(json.dumps(out))  # as it will be read back from the file (string step keys)
+
+
+# --- the results file: one JSON object per line, {"case": name, "result": {...}} ------------------
+
+
+def append_line(path: Path, record: dict) -> None:
+    with open(path, "a") as f:  # one write of one line, flushed to disk: a kill loses at most this case
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Finished cases in the file (a later line for the same case wins; a torn last line is ignored)."""
+    out: dict[str, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "result" in record:
+                out[record["case"]] = record["result"]
     return out
 
 
-def main(cases_path: str, out_path: str) -> None:
+def child_main(spec_path: str) -> None:
+    """The subprocess: run the spec's cases in order, one line per case appended to the results file."""
     from scalesparse.data import PreparedData
 
-    spec = json.loads(Path(cases_path).read_text())
+    spec = json.loads(Path(spec_path).read_text())
     data = PreparedData.from_dict(spec["data"])
-    results: dict[str, Any] = {}
+    results = Path(spec["results"])
     for name, case in spec["cases"].items():
+        print(f"case {name}: started", flush=True)
+        t0 = time.perf_counter()
         try:
-            results[name] = run_case(case, data, Path(spec["root"]) / name)
+            result = run_case(case, data, Path(spec["root"]) / name)
         except Exception:
-            results[name] = {"error": traceback.format_exc()[-4000:]}
-        print(f"case {name}: {'error' if 'error' in results[name] else 'done'}", flush=True)
-        Path(out_path).write_text(json.dumps(results, indent=1))  # after every case: a crash keeps the rest
+            result = {"device": device_of(case), "error": traceback.format_exc()[-4000:]}
+        result["seconds"] = round(time.perf_counter() - t0, 2)
+        append_line(results, {"case": name, "result": result})
+        print(f"case {name}: {'ERROR' if 'error' in result else 'done'} ({result['seconds']:.1f} s)", flush=True)
 
 
-def preflight() -> None:
-    """Run tests/gpu/test_train_cuda.py's cases on the CPU (all but bf16 and megablocks, which need a
-    GPU): a check of the cases' configs and expectations before device time is spent on them."""
-    import os
+def child_env() -> dict[str, str]:
+    """This process's environment with the repository *added* to PYTHONPATH: on the GPU machine
+    DeepSpeed (and MegaBlocks) are importable only through the folders PYTHONPATH already names."""
+    inherited = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), inherited) if p)}
+
+
+def run_cases(cases: dict[str, dict], data, root: Path, results_file: Path | None = None,
+              case_timeout: float = CASE_TIMEOUT_S, deadline: float | None = None,
+              echo: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run the cases that `results_file` (default root/results.jsonl) does not hold yet for their
+    device, in a fresh process (its own process group and CUDA context); their results, all of them.
+
+    A case running longer than `case_timeout` seconds is killed with its process and recorded as an
+    error; the rest go on in a new process. Past `deadline` (time.monotonic()), the running case is
+    killed and the cases not started are recorded as not run. A crashed process is recorded against
+    the case it was running, with the end of its output. `echo`: the children's lines on stdout."""
+    root.mkdir(parents=True, exist_ok=True)
+    results_file = Path(results_file or root / "results.jsonl")
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def finished() -> dict[str, dict]:
+        have = read_results(results_file)
+        return {n: have[n] for n in cases if n in have and have[n].get("device") == device_of(cases[n])}
+
+    spec_path, log_path = root / "cases.json", root / "harness.log"
+    while True:
+        todo = [n for n in cases if n not in finished()]
+        if not todo:
+            return finished()
+        if deadline is not None and time.monotonic() >= deadline:
+            for n in todo:
+                error = "not run: the time budget ran out"
+                append_line(results_file, {"case": n, "result": {"device": device_of(cases[n]), "error": error}})
+            return finished()
+        spec_path.write_text(json.dumps({"data": data.to_dict(), "root": str(root), "results": str(results_file),
+                                         "cases": {n: cases[n] for n in todo}}))  # fmt: skip
+        _run_child(spec_path, log_path, results_file, cases, todo, case_timeout, deadline, echo)
+
+
+def _run_child(spec_path, log_path, results_file, cases, todo, case_timeout, deadline, echo) -> None:
+    """One subprocess over `todo`, watched: the case it is on, and how long it has been on it."""
+    with open(log_path, "ab") as log:
+        log_start = log.tell()
+        proc = subprocess.Popen([sys.executable, "-m", "tests.gpu.harness", "child", str(spec_path)], cwd=REPO,
+                                env=child_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    current, since, seen, why = None, time.monotonic(), log_start, None
+
+    def scan() -> None:  # the child's new whole lines: echo them, note the case it started
+        nonlocal current, since, seen
+        raw = Path(log_path).read_bytes()
+        end = raw.rfind(b"\n") + 1
+        for line in raw[seen:end].decode(errors="replace").splitlines():
+            if echo and line.startswith("case "):
+                print(line, flush=True)
+            if line.startswith("case ") and line.endswith(": started"):
+                current, since = line[5:-9], time.monotonic()
+        seen = max(seen, end)
+
+    while proc.poll() is None:
+        time.sleep(0.2)
+        scan()
+        now = time.monotonic()
+        if current is not None and now - since > case_timeout:
+            why = f"timed out: still running after {case_timeout:.0f} s (the case's limit); its process was killed"
+        elif deadline is not None and now >= deadline:
+            why = "timed out: the time budget ran out while it ran; its process was killed"
+        if why:
+            proc.kill()
+            proc.wait()
+            break
+    scan()
+    tail = Path(log_path).read_bytes()[log_start:][-3000:].decode(errors="replace")
+    done = read_results(results_file)
+    if current is not None and done.get(current, {}).get("device") != device_of(cases[current]):
+        error = why or f"the harness process exited {proc.returncode} while running this case"
+        append_line(results_file, {"case": current, "result": {"device": device_of(cases[current]),
+                                                               "error": f"{error}\n{tail}"}})  # fmt: skip
+    elif current is None:  # died before its first case (an import, the data): none of them can run
+        for n in todo:
+            error = f"the harness process exited {proc.returncode} before its first case:\n{tail}"
+            append_line(results_file, {"case": n, "result": {"device": device_of(cases[n]), "error": error}})
+
+
+# --- the command line: the matrix as the GPU session (and its rehearsal) runs it ------------------
+
+
+def summary_line(name: str, r: dict) -> str:
+    if "error" in r:
+        return f"{name:<28} ERROR {r['error'].strip().splitlines()[0][:160]}"
+    loss = r["losses"]
+    resumed = r.get("resumed_losses")
+    same = "" if resumed is None else f" resumed==uninterrupted {all(resumed[s] == loss[s] for s in resumed)}"
+    sparsity = f" sparsity {r['dst'][-1]['sparsity']:.4f}" if r["dst"] else ""
+    export = "" if "exported_val_loss" not in r else \
+        f" export val {r['exported_val_loss']:.5f} vs {r['final_val_loss']:.5f}"
+    as_ = f" (as {r['rehearsed_as']})" if r.get("rehearsed_as") else ""
+    return f"{name:<28} loss {loss['1']:.4f} -> {loss[str(STEPS)]:.4f}{sparsity}{same}{export}{as_} [{r['seconds']} s]"
+
+
+def prepared_test_data():
+    """The tests' data (tests/conftest.py small_data): $SCALESPARSE_TEST_CACHE when set (the GPU
+    machine has no `datasets`: its cache is prepared here and carried), else a fresh temporary one."""
     import tempfile
 
     from scalesparse.config import DataConfig
     from scalesparse.data import prepare_data
     from tests.conftest import SHARED_TARBALL
-    from tests.gpu.test_train_cuda import CASES
 
     corpus = os.environ.get("SCALESPARSE_TEST_CORPUS") or (str(SHARED_TARBALL) if SHARED_TARBALL.is_file() else None)
-    with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_data(DataConfig(vocab_size=512, cache_dir=os.environ.get("SCALESPARSE_TEST_CACHE", tmp),
-                                       path=corpus))  # fmt: skip
-        cases = {n: {**c, "device": "cpu"} for n, c in CASES.items() if "bf16" not in n and "megablocks" not in n}
-        results = run_cases(cases, data, Path(tmp) / "preflight")
-    for name, r in results.items():
-        if "error" in r:
-            print(f"{name:<28} ERROR {r['error'].splitlines()[-1]}")
-            continue
-        loss = r["losses"]
-        resumed = r.get("resumed_losses")
-        same = "" if resumed is None else f" resumed==uninterrupted {all(resumed[s] == loss[s] for s in resumed)}"
-        sparsity = f" sparsity {r['dst'][-1]['sparsity']:.4f}" if r["dst"] else ""
-        export = "" if "exported_val_loss" not in r else \
-            f" export val {r['exported_val_loss']:.5f} vs {r['final_val_loss']:.5f}"
-        print(f"{name:<28} loss {loss['1']:.4f} -> {loss[str(STEPS)]:.4f}{sparsity}{same}{export}")
+    cache = os.environ.get("SCALESPARSE_TEST_CACHE") or tempfile.mkdtemp(prefix="scalesparse-cache-")
+    return prepare_data(DataConfig(vocab_size=512, cache_dir=cache, path=corpus))
 
 
+def matrix(args: argparse.Namespace) -> int:
+    """Run tests/gpu/test_train_cuda.py's cases (the selected ones) into a results file; print a
+    verdict per case. Exit 0 when every case ran without an error."""
+    import tempfile
+
+    from tests.gpu.test_train_cuda import CASES
+
+    names = [n for n in CASES if (not args.only or args.only in n) and (not args.exclude or args.exclude not in n)]
+    if args.device == "cpu":
+        names = [n for n in names if runnable_on_cpu(n)]
+    cases = {n: on_cpu(CASES[n]) if args.device == "cpu" else {**CASES[n], "device": "cuda"} for n in names}
+    root = Path(args.root or tempfile.mkdtemp(prefix="scalesparse-gpu-cases-"))
+    results_file = Path(args.results) if args.results else root / "results.jsonl"
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
+    results = run_cases(cases, prepared_test_data(), root, results_file, args.case_timeout, deadline, echo=True)
+    for name in names:
+        print(summary_line(name, results[name]))
+    bad = [n for n in names if "error" in results[n]]
+    print(f"harness: {len(names) - len(bad)} of {len(names)} cases ran ({args.device}); results in {results_file}")
+    return 1 if bad else 0
 
 
-def run_cases(cases: dict[str, dict], data, root: Path, timeout: int = 1800) -> dict[str, Any]:
-    """Run the cases in a fresh process (its own process group and CUDA context); their results."""
-    import os
-    import subprocess
-
-    root.mkdir(parents=True, exist_ok=True)
-    spec, out = root / "cases.json", root / "results.json"
-    spec.write_text(json.dumps({"data": data.to_dict(), "root": str(root), "cases": cases}))
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "tests.gpu.harness", str(spec), str(out)], cwd=repo,
-                          env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-    if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(f"harness exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["child"]:
+        child_main(argv[1])
+        return 0
+    if argv == ["--preflight"]:
+        argv = ["matrix", "--device", "cpu"]
+    ap = argparse.ArgumentParser(prog="python -m tests.gpu.harness", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("matrix", help="run the GPU tests' training cases")
+    m.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    m.add_argument("--only", help="only the cases whose name contains this")
+    m.add_argument("--exclude", help="not the cases whose name contains this")
+    m.add_argument("--results", help="JSON-lines results file (cases already in it are not run again)")
+    m.add_argument("--root", help="folder for the runs (default: a temporary one)")
+    m.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT_S, help="seconds one case may take")
+    m.add_argument("--budget-s", type=float, help="seconds for all cases; those not started by then are not run")
+    return matrix(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--preflight"]:
-        preflight()
-    else:
-        main(*sys.argv[1:3])
+    sys.exit(main(sys.argv[1:]))

@@ -1,18 +1,24 @@
 """Every training feature on one GPU (issue 12's list): the worker loop in one process, world size 1
-with the cpu:gloo,cuda:nccl group, no Ray. All cases run in one subprocess (one DeepSpeed import,
-one CUDA context); each test reads its case's results. Multi-rank equality stays on CPU (NCCL refuses
-two ranks on one GPU); the tests needing two GPUs skip with fewer."""
+with the cpu:gloo,cuda:nccl group, no Ray. The selected cases run in one watched subprocess (one
+DeepSpeed import, one CUDA context; tests/gpu/harness.py), their results streamed to a JSON-lines
+file ($SCALESPARSE_GPU_CASES, which the GPU session fills once before pytest starts); each test reads
+its case's result. Multi-rank equality stays on CPU (NCCL refuses two ranks on one GPU); the tests
+needing two GPUs skip with fewer. In the GPU rehearsal (SCALESPARSE_GPU_REHEARSAL=1) the cases run
+on the CPU (bf16 as fp32; MegaBlocks' skip, as it needs CUDA)."""
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.gpu.harness import STEPS, run_cases
+from tests.gpu.harness import STEPS, on_cpu, rehearsing, run_cases, runnable_on_cpu
 
 pytestmark = pytest.mark.gpu
+DEVICE = "cpu" if rehearsing() else "cuda"
 
 BF16 = {"train": {"dtype": "bf16"}}
 MOE = {"model": {"mlp": "moe"}, "moe": {"num_experts": 4, "top_k": 2, "d_ff": 64}}
@@ -55,28 +61,44 @@ CASES = {
 }
 
 
+def device_case(name: str) -> dict:
+    return on_cpu(CASES[name]) if DEVICE == "cpu" else {**CASES[name], "device": "cuda"}
+
+
 @pytest.fixture(scope="module")
-def results(prepared, gpu_root):
-    return run_cases({n: {**c, "device": "cuda"} for n, c in CASES.items()}, prepared, gpu_root / "train")
+def results(request, prepared, gpu_root):
+    """The results of the cases this session's selected tests read (not the whole matrix: a `-k`
+    run does only its cases), taken from the results file where it has them already."""
+    selected = {item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")}  # fmt: skip
+    names = [n for n in CASES if n in selected and (DEVICE == "cuda" or runnable_on_cpu(n))]
+    results_file = os.environ.get("SCALESPARSE_GPU_CASES")
+    return run_cases({n: device_case(n) for n in names}, prepared, gpu_root / "train",
+                     Path(results_file) if results_file else None)  # fmt: skip
 
 
 def case(results, name):
+    if DEVICE == "cpu" and not runnable_on_cpu(name):
+        pytest.skip("megablocks needs CUDA (rehearsal on the CPU)")
     r = results[name]
     assert "error" not in r, r.get("error")
     return r
 
 
 def trained(r):
-    """Trained on the GPU: every step logged, finite, the loss went down, memory was on the device."""
+    """Trained: every step logged, finite, the loss went down, memory was on the device (on a GPU)."""
     losses = [r["losses"][str(s)] for s in range(1, STEPS + 1)]
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
-    assert r["cuda_peak_mb"] > 0
+    assert r["device"] == DEVICE
+    if DEVICE == "cuda":
+        assert r["cuda_peak_mb"] > 0
 
 
+@pytest.mark.rehearsal
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith(("dense", "moe"))])
 def test_dense_and_moe_train_on_cuda(results, name):
-    if "megablocks" in name:
+    if "megablocks" in name and DEVICE == "cuda":
         from scalesparse.model.moe.backends import megablocks_unavailable_reason
 
         if megablocks_unavailable_reason():
@@ -87,6 +109,7 @@ def test_dense_and_moe_train_on_cuda(results, name):
         assert r["moe_load"] is not None and len(r["moe_load"][0]) == 4
 
 
+@pytest.mark.rehearsal
 @pytest.mark.parametrize("name", [n for n in CASES if n.split("-")[0] in ("static", "snip", "gmp", "set", "rigl")])
 def test_sparse_training_on_cuda_holds_its_target(results, name):
     r = case(results, name)
@@ -97,6 +120,7 @@ def test_sparse_training_on_cuda_holds_its_target(results, name):
         assert len({d["mask_hash"] for d in r["dst"]}) > 1
 
 
+@pytest.mark.rehearsal
 @pytest.mark.parametrize("name", [n for n in CASES if n.startswith("resume")])
 def test_resume_on_cuda_gives_the_uninterrupted_losses_and_exports(results, name):
     r = case(results, name)

@@ -8,7 +8,6 @@ and DeepSpeed's model/optimizer shards. The LR is a pure function of the step.
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 import warnings
@@ -34,6 +33,7 @@ from scalesparse.train.engine import (
     select_accelerator,
     set_lr,
     sparse_views,
+    use_deterministic_kernels,
     worker_device,
 )
 from scalesparse.train.experts import ExpertParallel
@@ -298,10 +298,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     select_accelerator(cfg)
-    if cfg.train.deterministic:
-        # cuBLAS needs its workspace fixed before its first handle (before the model reaches the GPU)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without such a kernel warn
+    use_deterministic_kernels(cfg.train.deterministic)  # before the model reaches the GPU
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     device = worker_device(cfg)  # DeepSpeed places what it wraps here too
     rank, world = comm.rank(), comm.world_size()

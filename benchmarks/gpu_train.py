@@ -12,7 +12,15 @@ MoE (E=8, top-2, expert d_ff half the dense MLP's: equal active parameters) with
 MFU = tokens/s × training FLOPs per token / the GPU's peak dense bf16 FLOP/s (--peak-tflops; 989 for
 H100/H200 SXM). Tokens are synthetic (uniform ids): speed does not depend on them.
 
-    python benchmarks/gpu_train.py [--shapes a b] [--cases ...] [--out FILE]
+Cases run in priority order (PRIORITY: the project against the lean compiled loop on shape a first,
+then RigL and MoE, then shape b), each in a clean state (engines and compiled graphs dropped, peak
+memory reset: every case's peak is its own), and the JSON, ratios included, is rewritten after every
+case, so a run cut short by its time limit keeps every figure it measured. With --budget-s a case
+whose expected time (the last case's, scaled by steps) no longer fits is recorded as not run.
+tokens/s of a project run is total tokens over total time after the warm-up steps, mask updates and
+all (RigL's cost is in those steps; a median of intervals would drop them).
+
+    python benchmarks/gpu_train.py [--shapes a b] [--cases ...] [--budget-s S] [--append] [--out FILE]
     python benchmarks/gpu_train.py --smoke     # tiny shapes on the CPU: checks the plumbing only
 """
 
@@ -65,18 +73,24 @@ def project_config(shape: dict, steps: int, run_dir: Path, cuda: bool, extra: di
         "parallel": {"workers": 1, "zero_stage": 2},
         "resources": {"gpus_per_worker": 1 if cuda else 0, "cpus_per_worker": 4},
         "checkpoint": {"every": 0},
-        "logging": {"log_every": 10, "tensorboard": False, "progress": False},
+        "logging": {"log_every": 10 if cuda else 5, "tensorboard": False, "progress": False},
     }  # fmt: skip
     for section, values in extra.items():
         cfg.setdefault(section, {}).update(values)
     return cfg
 
 
-def reset_memory(cuda: bool) -> None:
+def reset_memory(cuda: bool) -> float | None:
+    """Drop what earlier cases left (compiled graphs hold their modules) and reset the peak; the
+    memory still allocated afterwards (MiB), which should be ~0: a leak would inflate later peaks."""
     gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()
+    gc.collect()
+    if not cuda:
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated() / 2**20
 
 
 def peak_mb(cuda: bool) -> float | None:
@@ -87,12 +101,19 @@ def run_project(shape: dict, steps: int, warmup: int, data, extra: dict, cuda: b
     from scalesparse.config import config_from_dict
     from scalesparse.train.single import train_in_process
 
-    reset_memory(cuda)
+    held = reset_memory(cuda)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_dict(project_config(shape, steps, Path(tmp) / "run", cuda, extra))
         rows = train_in_process(cfg, data)
-    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > warmup]
-    return {"tokens_per_s": statistics.median(rates), "intervals": rates, "peak_mem_mb": peak_mb(cuda)}
+        del cfg
+    logged = [r for r in rows if "tokens_per_s" in r]
+    first = max((r for r in logged if r["step"] <= warmup), key=lambda r: r["step"])
+    last = logged[-1]
+    tokens = (last["step"] - first["step"]) * shape["micro"] * GA * shape["seq_len"]
+    rates = [r["tokens_per_s"] for r in logged if r["step"] > warmup]
+    return {"tokens_per_s": tokens / (last["time"] - first["time"]), "median_interval_tokens_per_s":
+            statistics.median(rates), "intervals": rates, "peak_mem_mb": peak_mb(cuda),
+            "mem_held_at_start_mb": held}  # fmt: skip
 
 
 def run_lean(shape: dict, steps: int, warmup: int, data, compile: bool, cuda: bool) -> dict:
@@ -101,7 +122,7 @@ def run_lean(shape: dict, steps: int, warmup: int, data, compile: bool, cuda: bo
     from scalesparse.data import TokenBlocks
     from scalesparse.model import GPT
 
-    reset_memory(cuda)
+    held = reset_memory(cuda)
     device = "cuda" if cuda else "cpu"
     cfg = config_from_dict({"model": model_section(shape)})
     torch.manual_seed(0)
@@ -132,7 +153,7 @@ def run_lean(shape: dict, steps: int, warmup: int, data, compile: bool, cuda: bo
     if cuda:
         torch.cuda.synchronize()
     tps = (steps - warmup) * GA * micro * shape["seq_len"] / (time.perf_counter() - t0)
-    return {"tokens_per_s": tps, "peak_mem_mb": peak_mb(cuda)}
+    return {"tokens_per_s": tps, "peak_mem_mb": peak_mb(cuda), "mem_held_at_start_mb": held}
 
 
 def flops_per_token(shape: dict, extra: dict) -> int:
@@ -142,6 +163,13 @@ def flops_per_token(shape: dict, extra: dict) -> int:
     cfg = config_from_dict({"model": model_section(shape) | extra.get("model", {}), **{
         k: v for k, v in extra.items() if k == "moe"}})  # fmt: skip
     return count_flops_per_token(cfg.model, VOCAB, moe=cfg.moe)["train"]
+
+
+# (shape, label) in the order the run takes them: the project against the lean compiled loop first
+# (the headline ratio), then what the project adds (RigL, MoE per backend), then the rest
+PRIORITY = [("a", "project dense"), ("a", "lean compiled"), ("a", "project rigl 90% dT=100"),
+            ("a", "project moe grouped"), ("a", "project moe megablocks"), ("b", "project dense"),
+            ("b", "lean compiled"), ("a", "lean eager"), ("a", "project moe loop"), ("b", "lean eager")]  # fmt: skip
 
 
 def cases_for(shape_name: str, shape: dict, cuda: bool) -> dict[str, dict]:
@@ -161,6 +189,30 @@ def cases_for(shape_name: str, shape: dict, cuda: bool) -> dict[str, dict]:
     return out
 
 
+def planned(shapes: list[str], cuda: bool, only: list[str] | None) -> list[tuple[str, str, dict]]:
+    """(shape, label, case) in priority order (on the CPU smoke shape, the same order of labels)."""
+    order = [(("smoke" if not cuda else s), label) for s, label in PRIORITY if not cuda or s in shapes]
+    seen, out = set(), []
+    for s, label in order:
+        case = cases_for(s, SHAPES[s], cuda).get(label)
+        if case is None or (s, label) in seen or (only and label not in only):
+            continue
+        seen.add((s, label))
+        out.append((s, label, case))
+    return out
+
+
+def ratios_of(row: dict[str, dict]) -> dict[str, float]:
+    tps = {label: r["tokens_per_s"] for label, r in row.items() if "tokens_per_s" in r}
+    ratios = {}
+    if "project dense" in tps and "lean compiled" in tps:
+        ratios["project / lean compiled"] = tps["project dense"] / tps["lean compiled"]
+    for label in tps:
+        if label.startswith("project ") and label != "project dense" and "project dense" in tps:
+            ratios[f"{label[8:]} / dense"] = tps[label] / tps["project dense"]
+    return ratios
+
+
 def config_hidden(shape: dict) -> int:
     from scalesparse.config import config_from_dict
 
@@ -173,9 +225,12 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", help="labels to run (default: all)")
     ap.add_argument("--steps", type=int, help="steps per project/lean run (default 60; 250 with RigL)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
+    ap.add_argument("--budget-s", type=float, help="seconds for all cases: one that no longer fits is not run")
+    ap.add_argument("--append", action="store_true", help="add to --out's results instead of starting afresh")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the plumbing")
     ap.add_argument("--out", help="default benchmarks/results/gpu_train.json (smoke: a temporary file)")
     args = ap.parse_args()
+    t_start = time.monotonic()
     cuda = not args.smoke
     if cuda and not torch.cuda.is_available():
         raise SystemExit("gpu_train.py needs CUDA (or --smoke for the CPU plumbing check)")
@@ -183,61 +238,66 @@ def main() -> None:
     shapes = ["smoke"] if args.smoke else args.shapes
     out_path = Path(args.out or (tempfile.mkdtemp() + "/gpu_train.json" if args.smoke
                                  else REPO / "benchmarks/results/gpu_train.json"))  # fmt: skip
-    results: dict[str, dict] = {}
-    out = {
+    out = json.loads(out_path.read_text()) if args.append and out_path.is_file() else {
         "benchmark": "gpu_train",
         "device": torch.cuda.get_device_name() if cuda else "cpu (smoke: plumbing only, not a measurement)",
         "peak_tflops": args.peak_tflops,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "global_batch": {n: SHAPES[n]["micro"] * GA for n in shapes},
-        "results": results,
-    }
+        "global_batch": {n: SHAPES[n]["micro"] * GA for n in SHAPES},
+        "order": [f"{s} / {label}" for s, label in PRIORITY],
+        "results": {},
+    }  # fmt: skip
+    results: dict[str, dict] = out["results"]
 
     def write() -> None:  # after every case: a run cut short by a time limit keeps what it measured
+        for entry in results.values():
+            entry["ratios"] = ratios_of(entry["cases"])
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(out, indent=1))
 
+    last_s_per_step = None  # seconds per step of the last case (compile included): the next one's estimate
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_data(Path(tmp) / "data", VOCAB, 4_000_000 if cuda else 200_000)
-        for name in shapes:
+        for name, label, case in planned(shapes, cuda, args.cases):
             shape = SHAPES[name]
-            row: dict[str, dict] = {}
-            results[name] = {"shape": shape, "cases": row}
-            for label, case in cases_for(name, shape, cuda).items():
-                if args.cases and label not in args.cases:
-                    continue
-                rigl = "rigl" in label
-                steps = args.steps or ((250 if cuda else 40) if rigl else (60 if cuda else 20))
-                warmup = 20 if cuda else 5
-                try:
-                    if case["kind"] == "project":
-                        r = run_project(shape, steps, warmup, data, case["extra"], cuda)
-                    else:
-                        r = run_lean(shape, steps, warmup, data, case["compile"], cuda)
-                except Exception as e:  # e.g. megablocks not installed: recorded, the rest still runs
-                    row[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-                    print(f"[{name}] {label:<28} failed: {row[label]['error']}", flush=True)
+            row = results.setdefault(name, {"shape": shape, "cases": {}})["cases"]
+            rigl = "rigl" in label
+            steps = args.steps or ((250 if cuda else 40) if rigl else (60 if cuda else 20))
+            warmup = 20 if cuda else 5
+            if args.budget_s and last_s_per_step is not None:
+                left = args.budget_s - (time.monotonic() - t_start)
+                expected = last_s_per_step * steps * (2 if name == "b" else 1)  # shape b: ~2x the work a step
+                if expected > left:
+                    row[label] = {"not_run": f"the budget: ~{expected:.0f} s expected, {left:.0f} s left"}
+                    print(f"[{name}] {label:<28} not run: {row[label]['not_run']}", flush=True)
                     write()
                     continue
-                fpt = flops_per_token(shape, case.get("extra", {}))
-                r |= {"steps": steps, "train_flops_per_token": fpt,
-                      "mfu": r["tokens_per_s"] * fpt / (args.peak_tflops * 1e12)}  # fmt: skip
-                row[label] = r
-                mem = f"{r['peak_mem_mb']:,.0f} MiB peak" if r["peak_mem_mb"] else ""
-                print(f"[{name}] {label:<28} {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  {mem}", flush=True)
+            t_case = time.monotonic()
+            try:
+                if case["kind"] == "project":
+                    r = run_project(shape, steps, warmup, data, case["extra"], cuda)
+                else:
+                    r = run_lean(shape, steps, warmup, data, case["compile"], cuda)
+            except Exception as e:  # e.g. megablocks not installed: recorded, the rest still runs
+                row[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                print(f"[{name}] {label:<28} failed: {row[label]['error']}", flush=True)
                 write()
-            ratios = {}
-            tps = {label: r["tokens_per_s"] for label, r in row.items() if "error" not in r}
-            if "project dense" in tps and "lean compiled" in tps:
-                ratios["project / lean compiled"] = tps["project dense"] / tps["lean compiled"]
-            for label in tps:
-                if label.startswith("project ") and label != "project dense" and "project dense" in tps:
-                    ratios[f"{label[8:]} / dense"] = tps[label] / tps["project dense"]
-            for k, v in ratios.items():
-                print(f"[{name}] {k}: {v:.3f}")
-            results[name]["ratios"] = ratios
+                continue
+            last_s_per_step = (time.monotonic() - t_case) / steps / (2 if name == "b" else 1)
+            fpt = flops_per_token(shape, case.get("extra", {}))
+            r |= {"steps": steps, "wall_s": time.monotonic() - t_case, "train_flops_per_token": fpt,
+                  "mfu": r["tokens_per_s"] * fpt / (args.peak_tflops * 1e12)}  # fmt: skip
+            row[label] = r
+            mem = f"{r['peak_mem_mb']:,.0f} MiB peak" if r["peak_mem_mb"] else ""
+            print(f"[{name}] {label:<28} {r['tokens_per_s']:>12,.0f} tok/s  MFU {r['mfu']:6.1%}  {mem}"
+                  f"  ({r['wall_s']:.0f} s)", flush=True)  # fmt: skip
             write()
+            for k, v in ratios_of(row).items():  # the ratios this case completed
+                if k.startswith(label.removeprefix("project ") + " /") or (
+                        k == "project / lean compiled" and label in ("project dense", "lean compiled")):  # fmt: skip
+                    print(f"[{name}]   {k}: {v:.3f}", flush=True)
+    write()
     print(f"wrote {out_path}")
 
 

@@ -9,7 +9,11 @@ and the solve (∝ d³) timed separately, for growing d.
 On a GPU (`--device cuda`): a LLaMA-7B-shaped decoder (hidden 4096, ffn 11008, 32 heads; random
 weights, `--blocks` of its 32 blocks) pruned block by block on the device with 128 × 2048 calibration
 tokens, seconds per block for each method and the peak GPU memory; targets from issue 14 printed
-beside them (SparseGPT ≤ 4 s per block, Wanda ≤ 1 s, magnitude ≤ 0.5 s on an H100/H200).
+beside them (SparseGPT ≤ 4 s per block, Wanda ≤ 1 s, magnitude ≤ 0.5 s on an H100/H200). The model
+is in bf16 (`--dtype`), as a user's checkpoint is; the fp32 work (Gram sums, solves) runs with TF32
+matmuls (`--no-tf32` for full fp32; `scalesparse prune` itself leaves torch's default, TF32 off). Each
+method does only its own work (layer_error off): magnitude runs no calibration forward, Wanda sums
+per-column x² without Gram matrices; their reconstruction error is therefore not reported.
 
     .venv/bin/python benchmarks/prune.py [--methods ...] [--widths 256 512 1024 2048] [--out FILE]
     .venv/bin/python benchmarks/prune.py --device cuda [--blocks 4] [--out FILE]
@@ -162,22 +166,29 @@ def llama_blocks(args, write=lambda rows: None) -> dict:
                       vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (1, shape["seq"]), generator=g) for _ in range(shape["samples"])]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     rows = {}
     result = {"shape": {**shape, "blocks": args.blocks}, "calibration_tokens": shape["samples"] * shape["seq"],
-              "device": torch.cuda.get_device_name() if cuda else "cpu", "methods": rows}  # fmt: skip
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype,
+              "tf32": args.tf32 if cuda else None, "layer_error": False, "methods": rows}  # fmt: skip
     for method in args.methods:
         for nm in (None, (2, 4)) if method == "sparsegpt" else (None,):
             torch.manual_seed(0)
-            model = LlamaForCausalLM(cfg).eval()  # a fresh model per method: every one prunes the same weights
+            model = LlamaForCausalLM(cfg).to(dtype).eval()  # a fresh model per method: each prunes the same weights
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            report = prune_model(model, batches, method, 0.5, nm=nm, device=args.device, progress=False)
+            report = prune_model(model, batches, method, 0.5, nm=nm, device=args.device, progress=False,
+                                 layer_error=False)  # fmt: skip
             label = method + (" 2:4" if nm else "")
             per_block = report.block_seconds
+            errors = [r.rel_error for r in report.layers if r.rel_error is not None]
             row = {"seconds_per_block": statistics.median(per_block), "block_seconds": per_block,
                    "phase_seconds": report.phases, "total_seconds": report.seconds,
                    "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                   "mean_rel_error": statistics.mean(errors) if errors else "not computed (layer_error off)",
                    "target_seconds_per_block": TARGET_S_PER_BLOCK.get(method)}  # fmt: skip
             rows[label] = row
             target = f"(target ≤ {row['target_seconds_per_block']} s on an H100/H200)" if cuda else ""
@@ -202,6 +213,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cuda: only the LLaMA-7B-shaped per-block timing")
     ap.add_argument("--llama-shape", default="7b", choices=list(LLAMA_SHAPES))
     ap.add_argument("--blocks", type=int, default=4, help="decoder blocks of the LLaMA-shaped model")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="the LLaMA-shaped model's")
+    ap.add_argument("--no-tf32", dest="tf32", action="store_false", help="full fp32 matmuls on the GPU")
     ap.add_argument("--out", help="default benchmarks/results/prune.json (prune_cuda.json with --device cuda)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -607,6 +607,10 @@ class PruneConfig:
     """Where the block being pruned is materialised (cpu or cuda); the rest of the model stays on CPU."""
     allow_pickle: bool = False
     """Allow loading pytorch_model.bin (a pickle: only for files you trust)."""
+    layer_error: bool = True
+    """Report each layer's relative reconstruction error. SparseGPT's is free (its Hessian is the
+    same Σxxᵀ); for Wanda and magnitude it costs the Gram sums, most of their walk: false skips it
+    there (magnitude then runs no calibration forward at all)."""
 
     def _checks(self) -> Iterator[Problem]:
         if not self.model:

@@ -27,6 +27,11 @@ def keep_count(n: int, sparsity: float) -> int:
 
 class Pruner:
     needs_inputs: ClassVar[bool] = True
+    """The method reads calibration inputs (magnitude does not: without the error report its walk
+    runs no forward at all)."""
+    needs_gram: ClassVar[bool] = False
+    """The method needs Σxxᵀ of its layer's input (SparseGPT's Hessian); the walk computes it once
+    per distinct input and sets `self.xxt` before `prune`."""
 
     def __init__(self, layer: nn.Module, **options) -> None:
         """`options`: method-specific knobs (SparseGPT: blocksize, damp); others ignore them."""

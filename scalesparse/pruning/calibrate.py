@@ -12,6 +12,7 @@ workers, each holds a share of the calibration samples: the methods' statistics 
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -34,8 +35,9 @@ class LayerReport:
     name: str
     shape: tuple[int, int]
     sparsity: float
-    rel_error: float
-    """‖(W − Ŵ)X‖² / ‖WX‖² over the calibration inputs of the layer."""
+    rel_error: float | None
+    """‖(W − Ŵ)X‖² / ‖WX‖² over the calibration inputs of the layer; None where it was not computed
+    (layer_error off, for a method that needs no Σxxᵀ of its own)."""
     seconds: float
 
 
@@ -145,6 +147,16 @@ class Grams:
         return self.sums[self.group[name]]
 
 
+def _statistics_only(name: str, pruner):
+    """The forward hook of a walk without Gram sums: the method's own statistics only (Wanda's
+    per-column Σx²)."""
+
+    def record(_module, args, _out):
+        pruner.add_batch(args[0])
+
+    return record
+
+
 def relative_error(w0: torch.Tensor, w: torch.Tensor, xxt: torch.Tensor) -> float:
     """‖(W₀ − W)X‖² / ‖W₀X‖² from Σxxᵀ, without keeping the inputs: tr(D Σxxᵀ Dᵀ) / tr(W₀ Σxxᵀ W₀ᵀ).
     In fp32: a reported figure, and in fp64 these two products cost as much as the solve itself."""
@@ -172,13 +184,21 @@ def assign_owners(costs: dict[str, float], workers: int) -> dict[str, int]:
 def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, sparsity: float,
                 nm: tuple[int, int] | None = None, include: tuple[str, ...] = ("*",),
                 exclude: tuple[str, ...] = (), device: str = "cpu", pruner_args: dict | None = None,
-                progress: bool = True) -> PruneReport:  # fmt: skip
+                progress: bool = True, layer_error: bool = True) -> PruneReport:  # fmt: skip
     """Prune every matching Linear of every decoder block in place. `batches`: this worker's share of
-    the calibration token ids, each (B, T)."""
+    the calibration token ids, each (B, T).
+
+    Each method pays only for what it uses: Σxxᵀ (the walk's main cost, n·d² per input) is computed
+    for SparseGPT, or for every method when `layer_error` asks for the reconstruction-error report;
+    magnitude without the report runs no forward pass at all."""
     t_start = time.perf_counter()
     cls = PRUNERS.get(method)
+    with_gram = cls.needs_gram or layer_error
     prefix, blocks = find_blocks(model)
-    hidden, kwargs = capture_block_inputs(model, blocks, batches)
+    if cls.needs_inputs or with_gram:
+        hidden, kwargs = capture_block_inputs(model, blocks, batches)
+    else:
+        hidden, kwargs = [], {}
     hidden = resident_inputs(hidden, device)
     kwargs = to_device(kwargs, device)
     report = PruneReport()
@@ -195,7 +215,8 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
         grams = Grams()
 
         t = time.perf_counter()
-        handles = [m.register_forward_hook(grams.hook(n, pruners[n])) for n, m in layers.items()]
+        hook = grams.hook if with_gram else _statistics_only
+        handles = [m.register_forward_hook(hook(n, pruners[n])) for n, m in layers.items()]
         for h in hidden:
             grams.next_batch()
             _run_block(block, h.to(device), kwargs)
@@ -205,11 +226,11 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
         t = report.timed("calibrate", t)
         for stat in [*grams.sums, *(s for p in pruners.values() for s in p.stats())]:
             comm.all_reduce_sum(stat)  # statistics are sums: add up every worker's share
+        xxt = {n: grams.of(n) for n in layers} if with_gram else {}
         for n, p in pruners.items():
-            if getattr(p, "external_gram", False):
-                p.xxt = grams.of(n)
+            if p.needs_gram:
+                p.xxt = xxt[n]
         t = report.timed("reduce", t)
-        xxt = {n: grams.of(n) for n in layers}
         entries, t = _solve(layers, pruners, xxt, sparsity, nm, report, t, measured)
         measured = {n: e[3] for n, e in entries.items()}  # the same on every rank: the times were broadcast
         report.layers += [LayerReport(f"{prefix}.{i}.{n}", *entries[n]) for n in sorted(entries)]
@@ -243,7 +264,8 @@ def _solve(layers, pruners, xxt, sparsity, nm, report: PruneReport, t: float, me
             t0 = time.perf_counter()
             w0 = weight_matrix(layers[n]).detach().float().clone()  # on the solving device
             w = pruners[n].prune(sparsity, nm)[1]
-            err = relative_error(w0, w, xxt[n])  # (a float: waits for the device to finish the solve)
+            # (a float: waits for the device to finish the solve); NaN on the wire where not computed
+            err = relative_error(w0, w, xxt[n]) if n in xxt else float("nan")
             info = torch.tensor([err, time.perf_counter() - t0])
             solved[n] = torch.cat([w.reshape(-1).float().cpu(), info])
     t = report.timed("solve", t)
@@ -254,5 +276,5 @@ def _solve(layers, pruners, xxt, sparsity, nm, report: PruneReport, t: float, me
     for n in sorted(owners):
         w, (err, seconds) = everyone[n][:-2].view(shapes[n]), everyone[n][-2:].tolist()
         _write(layers[n], w)
-        entries[n] = (shapes[n], float((w == 0).float().mean()), err, seconds)
+        entries[n] = (shapes[n], float((w == 0).float().mean()), None if math.isnan(err) else err, seconds)
     return entries, report.timed("broadcast", t)

@@ -126,7 +126,8 @@ def _prune(cfg: PruneConfig, progress: bool) -> dict:
     where = evaluation_device(model, cfg.device)
     before = perplexity(model, eval_ids, e.window, e.stride, where) if e.tokens and lead else None
     report = prune_model(model, batches, cfg.method, cfg.sparsity, cfg.nm, cfg.include, cfg.exclude, cfg.device,
-                         {"blocksize": cfg.blocksize, "damp": cfg.damp}, progress=progress)  # fmt: skip
+                         {"blocksize": cfg.blocksize, "damp": cfg.damp}, progress=progress,
+                         layer_error=cfg.layer_error)  # fmt: skip
     phases_by_rank = comm.all_gather_object(report.phases)  # where a slow rank made the others wait
     if not lead:
         comm.barrier()
@@ -166,6 +167,7 @@ def _markdown(r: dict) -> str:
         f"Pruning took {r['prune_seconds']:.1f} s.", "",
         "| layer | shape | sparsity | relative reconstruction error | seconds |", "|---|---|---|---|---|",
     ]  # fmt: skip
-    lines += [f"| {x['name']} | {x['shape'][0]}×{x['shape'][1]} | {x['sparsity']:.4f} | {x['rel_error']:.4g} | "
-              f"{x['seconds']:.2f} |" for x in r["layers"]]  # fmt: skip
+    lines += [f"| {x['name']} | {x['shape'][0]}×{x['shape'][1]} | {x['sparsity']:.4f} | "
+              f"{'—' if x['rel_error'] is None else format(x['rel_error'], '.4g')} | {x['seconds']:.2f} |"
+              for x in r["layers"]]  # fmt: skip
     return "\n".join(lines) + "\n"

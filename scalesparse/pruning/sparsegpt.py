@@ -16,6 +16,8 @@ from scalesparse.sparsity.masks import smallest
 
 @PRUNERS.register("sparsegpt")
 class SparseGPT(Pruner):
+    needs_gram = True
+
     def __init__(self, layer, blocksize: int = 128, damp: float = 0.01, external_gram: bool = False, **options):
         """external_gram: the caller accumulates Σxxᵀ (shared by layers that read the same input, as the
         calibration walk does) and sets `self.xxt` before `prune`; add_batch then only counts tokens."""

@@ -101,3 +101,24 @@ def test_block_keyword_arguments_reach_the_device_inside_tuples_and_dicts():
     assert isinstance(moved["nested"]["pair"], Pair) and moved["nested"]["pair"].sin.device.type == "meta"
     assert moved["nested"]["ids"][0].device.type == "meta"
     assert moved["cache"] is None and moved["flag"] is True
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_without_the_error_report_each_method_pays_only_for_what_it_uses(method):
+    """layer_error=False: the same pruned weights; Σxxᵀ only for SparseGPT (its error stays, free);
+    magnitude runs no forward pass through the blocks at all."""
+    full, lean = family("llama").eval(), family("llama").eval()
+    want = prune_model(full, batches(), method, 0.5, progress=False)
+    _, blocks = find_blocks(lean)
+    forwards = []
+    handles = [b.register_forward_hook(lambda *_: forwards.append(1)) for b in blocks]
+    got = prune_model(lean, batches(), method, 0.5, progress=False, layer_error=False)
+    for h in handles:
+        h.remove()
+    for a, b in zip(full.parameters(), lean.parameters()):
+        assert torch.equal(a, b)
+    if method == "sparsegpt":
+        assert [r.rel_error for r in got.layers] == [r.rel_error for r in want.layers]
+    else:
+        assert all(r.rel_error is None for r in got.layers) and all(r.rel_error > 0 for r in want.layers)
+    assert (len(forwards) == 0) == (method == "magnitude")

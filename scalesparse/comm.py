@@ -93,6 +93,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 # layer per step), ties at the threshold go to the lowest global indices, and only the chosen
 # positions (the mask changes) are all-gathered, as index lists or bitmasks, whichever is smaller.
 
+
 _KEY_LOW, _KEY_HIGH = -(2**31) - 1, 2**31  # below / above every key of a float32
 
 
@@ -112,18 +113,63 @@ class WireBytes:
         self.total += per_rank * (world_size() if ranks is None else ranks)
 
 
+# Ranks hold a tensor in one of two ways: as slices that partition it (ZeRO-1/2/3), or each the same
+# whole copy (ZeRO-0's replicas; the model before DeepSpeed partitions it, where SNIP scores it).
+# Every entry must be counted by exactly one rank, or a global top-n counts a replicated entry once
+# per rank and keeps n / world of them: `owned_ranges` gives each rank its part of a replica.
+
+
+def owned_ranges(starts: list[int], lengths: list[int]) -> list[tuple[int, int]]:
+    """For each tensor, the global range [lo, hi) of this rank's slice [start, start + length) that
+    this rank decides for: the slice itself where the ranks' slices partition the tensor, an even
+    contiguous share of it where every rank holds the same slice (a replica). One small all-gather."""
+    ranges = [(s, s + n) for s, n in zip(starts, lengths)]
+    if not is_distributed() or world_size() == 1 or not ranges:
+        return ranges
+    # on the CPU (the gloo side of the group): a few integers, needed on the host
+    everyone = all_gather_tensor(torch.tensor([starts, lengths], dtype=torch.int64))
+    r, w = rank(), world_size()
+    out = []
+    for l, (s, n) in enumerate(zip(starts, lengths)):
+        replica = n > 0 and all(int(e[0, l]) == s and int(e[1, l]) == n for e in everyone)
+        out.append((s + n * r // w, s + n * (r + 1) // w) if replica else ranges[l])
+    return out
+
+
+def assemble(slices: list[torch.Tensor], starts: list[int], numels: list[int],
+             wire: WireBytes | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """Whole 1-D tensors from every rank's slices (partitions or replicas), identical on all ranks and
+    bit-equal to the owners' values: each entry is summed from one rank's value and zeros (exact).
+    Dense (numel values per tensor on the wire): for one-off decisions that need whole layers."""
+    ranges = owned_ranges(starts, [t.numel() for t in slices])
+    out = []
+    for t, s, (lo, hi), numel in zip(slices, starts, ranges, numels):
+        full = torch.zeros(numel, dtype=t.dtype, device=t.device)
+        full[lo:hi] = t[lo - s : hi - s]
+        out.append(all_reduce_sum(full))
+        if wire is not None:
+            wire.add(full.numel() * full.element_size())
+    return out
+
+
 def global_select(
     keys: list[torch.Tensor], valid: list[torch.Tensor], starts: list[int], counts: list[int],
     wire: WireBytes | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """For each layer l, the global indices of the counts[l] largest keys among valid entries.
 
-    keys[l], valid[l]: this rank's contiguous slice [starts[l], starts[l] + len) of layer l, flattened.
+    keys[l], valid[l]: this rank's contiguous slice [starts[l], starts[l] + len) of layer l, flattened
+    (a partition of the layer over ranks, or a replica on every rank: see `owned_ranges`).
     Returns sorted int64 global indices, identical on every rank. Raises if a layer has fewer valid
     entries than requested.
     """
     wire = wire or WireBytes()
     L = len(keys)
+    owned = owned_ranges(starts, [k.numel() for k in keys])
+    wire.add(16 * L)
+    keys = [k[lo - s : hi - s] for k, s, (lo, hi) in zip(keys, starts, owned)]
+    valid = [v[lo - s : hi - s] for v, s, (lo, hi) in zip(valid, starts, owned)]
+    starts = [lo for lo, _ in owned]
     # the search runs where the slices are (the GPU under CUDA training); only the chosen indices
     # leave it, to be encoded for the all-gather
     dev = keys[0].device if keys else torch.device("cpu")

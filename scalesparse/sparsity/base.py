@@ -1,10 +1,12 @@
 """The Sparsifier interface: masks, when they change, and how (one subclass per algorithm).
 
-Algorithms see `LayerView`s: the contiguous slice of a flattened weight that this rank owns (the
-whole tensor in a single process, a ZeRO partition under DeepSpeed), with its gradient and
-optimizer-state slices. Every global decision goes through `comm.global_select`, so the same code
-runs in a unit test on one tensor and on a sharded model; masks are full-shape and identical on all
-ranks. Randomness is derived from (seed, step, layer name), so ranks agree without talking.
+Algorithms see `LayerView`s: the contiguous slice of a flattened weight that this rank holds (the
+whole tensor in a single process, a ZeRO-1/2/3 partition, or the same whole tensor on every rank:
+ZeRO-0's replicas and the model before DeepSpeed partitions it), with its gradient and
+optimizer-state slices. Every global decision goes through `comm` (`global_select`, `assemble`),
+which counts each weight once whichever way it is held, so the same code runs in a unit test on one
+tensor and on any number of workers; masks are full-shape and identical on all ranks. Randomness is
+derived from (seed, step, layer name), so ranks agree without talking.
 
 Masks live on the device of the views they are applied to (the GPU under CUDA training): `_place`
 moves them there the first time they meet views elsewhere (masks are made or loaded on the CPU).
@@ -68,6 +70,9 @@ def derived_generator(seed: int, step: int, name: str, device: torch.device | st
 class Sparsifier:
     position: ClassVar[Position]
     dynamic: ClassVar[bool] = False
+    needs_dense_gradient: ClassVar[bool] = False
+    """Whether `init_masks` reads the dense gradient of one global batch (SNIP's sensitivity): the
+    trainer then computes it, reduced over ranks, before the masks exist."""
     dense_gradient_every_update: ClassVar[bool] = False
     """Whether the method reads the dense gradient of masked layers at each update (RigL's grow
     criterion): a sparse kernel would then compute it, which the training FLOPs count."""
@@ -124,6 +129,21 @@ class Sparsifier:
         decided from every rank's slices; identical on all ranks."""
         keys = [comm.float_keys(s) for s in scores]
         return comm.global_select(keys, eligible, [v.start for v in views], counts, self.wire)
+
+    def masks_from_scores(self, views: list[LayerView], scores: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Full-shape masks keeping each layer's highest scores (scores[l]: one per entry of views[l]) at
+        the configured granularity and the distribution's exact counts; identical on all ranks."""
+        if self.cfg.granularity == "unstructured":  # a sparse global top-k: only the chosen indices travel
+            keep = self.select(views, scores, [torch.ones_like(s, dtype=torch.bool) for s in scores],
+                               [self.target[v.name] for v in views])  # fmt: skip
+            masks = {}
+            for v, idx in zip(views, keep):
+                masks[v.name] = torch.zeros(v.shape, dtype=torch.bool, device=v.weight.device)
+                masks[v.name].view(-1)[idx] = True
+            return masks
+        # N:M groups and blocks straddle slice boundaries: these decisions need each layer's whole scores
+        whole = comm.assemble(scores, [v.start for v in views], [v.shape[0] * v.shape[1] for v in views], self.wire)
+        return {v.name: self._mask_from_scores(v.name, w.view(v.shape)) for v, w in zip(views, whole)}
 
     def _place(self, views: list[LayerView]) -> None:
         """Move the masks to the views' device if they are elsewhere (once: then they stay)."""
@@ -228,11 +248,14 @@ class DropAndGrow(Sparsifier):
         """Block granularity: per-block scores are summed from each rank's slice and all-reduced
         (numel / block² values per layer), then every rank makes the same block-level choice."""
         b, changed = self.cfg.block_size, {}
-        for v in views:
+        # each weight's score is summed in by one rank only, also where every rank holds the whole weight
+        owned = comm.owned_ranges([v.start for v in views], [v.weight.numel() for v in views])
+        for v, (lo, hi) in zip(views, owned):
+            mine = slice(lo - v.start, hi - v.start)
             full_drop = torch.zeros(v.shape, device=v.weight.device).view(-1)
             full_grow = torch.zeros(v.shape, device=v.weight.device).view(-1)
-            full_drop[v.start : v.stop] = v.weight.abs()
-            full_grow[v.start : v.stop] = self.grow_scores(step, v)
+            full_drop[lo:hi] = v.weight.abs()[mine]
+            full_grow[lo:hi] = self.grow_scores(step, v)[mine]
             pooled = comm.all_reduce_sum(torch.stack([block_scores(full_drop.view(v.shape), b),
                                                       block_scores(full_grow.view(v.shape), b)]))  # fmt: skip
             self.wire.add(pooled.numel() * 4)

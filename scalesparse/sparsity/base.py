@@ -183,12 +183,15 @@ class Sparsifier:
 
     # -- reporting -------------------------------------------------------------------------------
     def sparsity_report(self) -> dict[str, float]:
+        """Figures of the masks in force: global sparsity, exact counts (weights under masks, zeros
+        among them), fraction ever active, and each layer's sparsity under `layer/<name>`."""
         per_layer = {n: 1.0 - float(m.float().mean()) for n, m in self.masks.items()}
         total = sum(m.numel() for m in self.masks.values())
         kept = sum(int(m.sum()) for m in self.masks.values())
         itop = sum(int(m.sum()) for m in self.ever_active.values()) / total
         layers = {f"layer/{n}": s for n, s in per_layer.items()}
-        return {"global": 1.0 - kept / total, "in_time_overparam": itop, **layers}
+        return {"global": 1.0 - kept / total, "weights": total, "zeros": total - kept, "in_time_overparam": itop,
+                **layers}  # fmt: skip
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         from scalesparse.sparsity.masks import pack

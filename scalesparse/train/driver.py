@@ -186,12 +186,10 @@ def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
         "flops_per_token_forward": flops["forward"],
         "flops_per_token_train": flops["train"],
     }
-    # Sparse training: the weights masked out at the target sparsity (the masks hit it to the weight)
-    # and the FLOPs a sparse kernel would skip: 2 per zeroed weight per token forward, 3× that in
-    # training, at the sparsity in effect at each step averaged over the run (GMP starts dense).
-    # RigL also computes the dense gradient of masked layers once every update_interval.
-    # Theoretical: scalesparse multiplies masked dense weights, so measured speed does not change.
-    zeroed, zeroed_in_training, extra = 0, 0, 0
+    # Planned here, before any mask exists (run_training replaces them with the figures of the masks
+    # the run ended with): the weights masked out at the target sparsity, and at the sparsity in
+    # effect at each step averaged over the run (GMP starts dense).
+    zeroed, zeroed_in_training = 0, 0
     if cfg.sparsity.method != "none":
         from scalesparse.sparsity import SPARSIFIERS
         from scalesparse.sparsity.masks import select_layers
@@ -202,13 +200,43 @@ def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
         sparsifier = SPARSIFIERS.get(cfg.sparsity.method)(cfg.sparsity, shapes, cfg.train.steps, cfg.seed)
         zeroed = round(cfg.sparsity.sparsity * masked)
         zeroed_in_training = round(sparsifier.mean_sparsity() * masked)
-        if sparsifier.dense_gradient_every_update:
+    return {**out, **sparse_figures(cfg, out, zeroed, zeroed_in_training)}
+
+
+def sparse_figures(cfg: Config, dense: dict[str, float], zeroed: int, zeroed_in_training: int) -> dict[str, float]:
+    """What `zeroed` masked-out weights (at the end; `zeroed_in_training`: averaged over the steps)
+    take off the dense figures: a sparse kernel would skip 2 FLOPs per zeroed weight per token
+    forward, 3× that in training. RigL also computes the dense gradient of masked layers once every
+    update_interval. Theoretical: scalesparse multiplies masked dense weights, so measured speed does
+    not change."""
+    extra = 0
+    if cfg.sparsity.method != "none":
+        from scalesparse.sparsity import SPARSIFIERS
+
+        if SPARSIFIERS.get(cfg.sparsity.method).dense_gradient_every_update:
             extra = 2 * 2 * zeroed // max(1, cfg.sparsity.update_interval)
-    out["params_nonzero"] = out["params"] - zeroed
-    out["params_nonzero_non_embedding"] = out["params_non_embedding"] - zeroed
-    out["flops_per_token_inference_sparse"] = flops["forward"] - 2 * zeroed
-    out["flops_per_token_train_sparse"] = 3 * (flops["forward"] - 2 * zeroed_in_training) + extra
-    return out
+    forward = dense["flops_per_token_forward"]
+    return {"params_nonzero": dense["params"] - zeroed,
+            "params_nonzero_non_embedding": dense["params_non_embedding"] - zeroed,
+            "flops_per_token_inference_sparse": forward - 2 * zeroed,
+            "flops_per_token_train_sparse": 3 * (forward - 2 * zeroed_in_training) + extra}  # fmt: skip
+
+
+def masks_in_force(records: list[dict[str, Any]], steps: int) -> dict[str, Any] | None:
+    """The sparsity figures of the masks a run trained with, from its workers' sparsity log (None
+    without one: a dense run). A record at step s holds from optimizer step s on; steps before the
+    first record (a resumed run's log starts at its checkpoint) count at the first record's masks."""
+    log = sorted((r for r in records if "masked_zeros" in r), key=lambda r: r["step"])  # stable: last wins
+    if not log:
+        return None
+    at_step = {r["step"]: r for r in log}
+    current, zeros = log[0], 0
+    for step in range(steps):
+        current = at_step.get(step, current)
+        zeros += current["masked_zeros"]
+    last = log[-1]
+    return {"sparsity": last["masked_zeros"] / last["masked_weights"], "zeroed": last["masked_zeros"],
+            "zeroed_in_training": round(zeros / max(1, steps))}  # fmt: skip
 
 
 def run_training(cfg: Config, resume: str | None = None, address: str | None = None) -> dict[str, Any]:
@@ -248,6 +276,10 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     wall = time.perf_counter() - t0
 
     records = read_metrics(run_dir)
+    in_force = masks_in_force(records, cfg.train.steps)
+    if in_force is not None:  # the nonzero counts and sparse FLOPs of the masks the run trained with
+        s = {**s, "sparsity": in_force["sparsity"],
+             **sparse_figures(cfg, s, in_force["zeroed"], in_force["zeroed_in_training"])}  # fmt: skip
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "tokens_per_s" in r]
     rates = [r["tokens_per_s"] for r in steps]

@@ -207,8 +207,16 @@ class DST:
         if len(set(hashes)) != 1:
             raise RuntimeError(f"sparsity masks differ across ranks: {hashes}")
         report = self.sparsifier.sparsity_report()
-        return {"sparsity": report.pop("global"), "itop": report.pop("in_time_overparam"), "mask_hash": hashes[0],
+        # exact counts beside the fraction: the run's summary figures (nonzero parameters, sparse
+        # FLOPs) are made from them, the masks in force rather than the configured target
+        return {"sparsity": report.pop("global"), "masked_weights": report.pop("weights"),
+                "masked_zeros": report.pop("zeros"), "itop": report.pop("in_time_overparam"), "mask_hash": hashes[0],
                 "layer_sparsity": report}  # fmt: skip
+
+    def masks_loaded(self, step: int) -> dict[str, Any]:
+        """The log record of masks a checkpoint brought back (collective): a resumed run's figures too
+        come from the masks in force."""
+        return {"step": step, **self._report()}
 
     def take_log(self) -> dict[str, Any]:
         out, self.pending = self.pending, {}
@@ -348,6 +356,8 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     logger = MetricsLogger(run_dir, rank == 0, cfg.logging.tensorboard, state.step if resume else None)
     if resumed:
         logger.log(resumed)
+        if dst is not None:
+            logger.log(dst.masks_loaded(state.step))
     progress: Progress | None = None
     if rank == 0 and cfg.logging.progress:
         if args.get("progress_lines"):  # the driver's output is not a terminal

@@ -219,11 +219,14 @@ def test_trainer_makes_the_masks_of_one_worker_on_two(two_ranks, method):
     assert single["kept"] == (dense if method == "gmp" else single["target"])  # GMP starts dense
     total = sum(w.numel() for w in single["weights"].values())
     assert single["log"]["sparsity"] == 1 - sum(single["kept"].values()) / total
+    assert single["log"]["masked_zeros"] == total - sum(single["kept"].values())
+    assert single["log"]["masked_weights"] == total
     for r in two_ranks:
         got = r[f"trainer/{method}"]
         assert "error" not in got, got
         assert got["log"]["mask_hash"] == single["log"]["mask_hash"]
         assert got["log"]["sparsity"] == single["log"]["sparsity"]
+        assert got["log"]["masked_zeros"] == single["log"]["masked_zeros"]
         assert got["kept"] == single["kept"]
         for name, w in single["weights"].items():
             torch.testing.assert_close(got["weights"][name], w, rtol=0, atol=0)

@@ -191,6 +191,67 @@ def test_rigl_resumes_with_identical_masks_and_losses(runs):
     assert torch.all(weights[name + ".weight"][~mask] == 0) and torch.all(weights[name + ".weight"][mask] != 0)
 
 
+# SNIP: one micro-batch per rank on 2 workers, two on one. The reduced dense gradient (g0 + g1) / 2 is
+# then bit-equal to one worker's g0 / 2 + g1 / 2 (halving is exact), so SNIP's masks must be one
+# worker's. With more micro-batches per rank the summation order differs by worker count, and a score
+# a few ulps from the threshold may change sides (the count stays exact). Static masks, and SET's and
+# RigL's before their first update, read no gradient: worker-count independent outright.
+SNIP = {"sparsity": {"method": "snip", "sparsity": 0.9}, "train": {"steps": 2, "micro_batch_size": 4, "eval_every": 2},
+        "checkpoint": {"every": 2}}  # fmt: skip
+# GMP prunes to 90% in one update at step 1, over ZeRO-0's replicas (every rank holds whole weights)
+GMP = {"sparsity": {"method": "gmp", "sparsity": 0.9, "update_interval": 1, "stop_fraction": 0.5},
+       "train": {"steps": 2, "eval_every": 2}, "checkpoint": {"every": 2}}  # fmt: skip
+
+
+def exact_zeros(runs: Runs, sections: dict) -> tuple[list[str], int]:
+    """The masked layers, and how many of their weights a 90% target zeroes (ERK's exact counts)."""
+    from scalesparse.model import GPT
+    from scalesparse.sparsity.distribution import keep_counts
+    from scalesparse.sparsity.masks import select_layers
+
+    cfg = config_from_dict(tiny_config(runs.data, runs.base, **sections))
+    with torch.device("meta"):
+        layers = select_layers(GPT(cfg.model, 512, cfg.moe), cfg.sparsity.include, cfg.sparsity.exclude)
+    shapes = {n: tuple(m.weight.shape) for n, m in layers.items()}
+    kept = keep_counts(cfg.sparsity.distribution, shapes, cfg.sparsity.sparsity)
+    return sorted(layers), sum(m.weight.numel() for m in layers.values()) - sum(kept.values())
+
+
+def check_sparsity_exact(run_dir: Path, names: list[str], zeros: int) -> dict:
+    """The masks in force at the end, the zeros in the saved weights and summary.json all agree."""
+    from scalesparse.export import consolidate
+
+    final = sparsity_log(run_dir)[max(sparsity_log(run_dir))]
+    assert final["masked_zeros"] == zeros and final["sparsity"] == zeros / final["masked_weights"]
+    weights = consolidate(run_dir / "checkpoints" / "step_00000002")  # ZeRO-3: stitched from both shards
+    assert sum(int((weights[n + ".weight"] == 0).sum()) for n in names) == zeros
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["sparsity"] == final["sparsity"]
+    assert summary["params_nonzero"] == summary["params"] - zeros
+    assert summary["flops_per_token_inference_sparse"] == summary["flops_per_token_forward"] - 2 * zeros
+    return final
+
+
+def test_snip_hits_its_sparsity_and_one_workers_masks_on_two_workers(runs):
+    """Issue 25: SNIP on 2 workers kept half its budget (95% zeros for a 90% target, every ZeRO stage),
+    and summary.json reported the target's nonzero count whatever the masks."""
+    names, zeros = exact_zeros(runs, SNIP)
+    reference = check_sparsity_exact(runs.get(0, workers=1, **SNIP), names, zeros)
+    two = check_sparsity_exact(runs.get(3, **SNIP), names, zeros)
+    assert two["mask_hash"] == reference["mask_hash"]
+    assert two["layer_sparsity"] == reference["layer_sparsity"]
+
+
+def test_gmp_prunes_to_its_exact_sparsity_on_zero0_replicas(runs):
+    names, zeros = exact_zeros(runs, GMP)
+    run_dir = runs.get(0, **GMP)
+    check_sparsity_exact(run_dir, names, zeros)
+    assert sorted(sparsity_log(run_dir)) == [0, 2]  # dense at init, pruned by the update at step 1
+    # that update came after step 1's forward and backward: both steps trained dense
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["flops_per_token_train_sparse"] == 3 * summary["flops_per_token_forward"]
+
+
 def test_zero_stages_and_one_worker_follow_the_same_trajectory(runs):
     """Same global batches, same math: only the reduction order may differ (seen: 1.2e-7)."""
     reference = losses(runs.get(0, workers=1))

@@ -155,6 +155,31 @@ def test_training_flops_count_gmp_at_the_sparsity_it_trains_at():
                                                          "sparsity": 0.9}}), 100)["params_nonzero"]  # fmt: skip
 
 
+def test_run_summary_figures_come_from_the_masks_in_force():
+    """summary.json's sparsity, nonzero counts and sparse FLOPs read the workers' sparsity log (the
+    masks the run held), not the configured target the run is planned with."""
+    from scalesparse.config import config_from_dict
+    from scalesparse.train.driver import masks_in_force, model_summary, sparse_figures
+
+    log = [{"step": 0, "masked_zeros": 0, "masked_weights": 100}, {"step": 1, "loss": 3.0},
+           {"step": 3, "masked_zeros": 60, "masked_weights": 100},
+           {"step": 3, "masked_zeros": 60, "masked_weights": 100},  # the same masks, logged again on resume
+           {"step": 5, "masked_zeros": 95, "masked_weights": 100}]  # fmt: skip
+    # a record at step s holds from step s on: steps 0-2 dense, 3-4 at 60 zeros, 5 at 95
+    assert masks_in_force(log, 6) == {"sparsity": 0.95, "zeroed": 95, "zeroed_in_training": round(215 / 6)}
+    # a resumed run's log starts at its checkpoint: the steps before count at its first masks
+    assert masks_in_force(log[2:], 6)["zeroed_in_training"] == round((5 * 60 + 95) / 6)
+    assert masks_in_force([{"step": 1, "loss": 3.0}], 6) is None  # dense
+
+    cfg = config_from_dict({"sparsity": {"method": "rigl", "sparsity": 0.9}})
+    planned = model_summary(cfg, 100)
+    got = sparse_figures(cfg, planned, 1000, 900)
+    assert got["params_nonzero"] == planned["params"] - 1000
+    assert got["flops_per_token_inference_sparse"] == planned["flops_per_token_forward"] - 2000
+    # RigL's dense gradient every update_interval steps is counted at the zeros in force too
+    assert got["flops_per_token_train_sparse"] == 3 * (planned["flops_per_token_forward"] - 1800) + 4000 // 100
+
+
 def test_snip_keeps_the_largest_connection_sensitivity():
     model, layers, sp, opt = setup("snip", sparsity=0.7)
     dense_grads(model, layers)

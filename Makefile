@@ -12,7 +12,7 @@ DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv system-deps test test-quick gpu-test megablocks demo lint clean
+.PHONY: venv system-deps test test-quick gpu-test gpu-rehearsal megablocks demo lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ test-quick: $(STAMP)
 # The CUDA tests alone (on a GPU machine, with TORCH_SPEC set to its CUDA build); they skip without CUDA.
 gpu-test: $(STAMP)
 	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
+
+# The GPU session (scripts/gpu_session.sh) rehearsed on this CPU machine, in a Python like the GPU
+# image's: the carried wheels installed as there, the training cases run, the benchmarks' CPU modes
+# (docs/gpu-session.md). CI runs it, so the one GPU run cannot rot unseen.
+gpu-rehearsal: $(STAMP)
+	PY=$(PY) scripts/gpu_prepare.sh
+	REHEARSE=1 OUT=out/gpu-rehearsal scripts/gpu_session.sh
 
 # MegaBlocks built against the torch in .venv (any CUDA build; patched for CUDA 13): see the README.
 megablocks: $(STAMP)

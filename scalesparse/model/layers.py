@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,12 +50,36 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
     return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
 
 
+def rope_inv_freq(head_dim: int, theta: float, scaling: str = "none", factor: float = 1.0,
+                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                  original_max_len: int = 8192) -> torch.Tensor:  # fmt: skip
+    """RoPE's (head_dim/2,) inverse frequencies, optionally rescaled to stretch the context.
+
+    linear: every frequency / factor. llama3 (Llama-3.1): long wavelengths (> original_max_len /
+    low_freq_factor) / factor, short ones (< original_max_len / high_freq_factor) kept, a linear blend
+    between, so nearby-token resolution survives while far positions stay in the trained range."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling == "linear":
+        return inv_freq / factor
+    if scaling == "llama3":
+        low_wavelen = original_max_len / low_freq_factor
+        high_wavelen = original_max_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
+
+
 class Rotary(nn.Module):
     """RoPE with the half-split (rotate_half) layout used by transformers' Llama."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, max_len: int, theta: float, inv_freq: torch.Tensor | None = None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if inv_freq is None:
+            inv_freq = rope_inv_freq(head_dim, theta)
         t = torch.arange(max_len, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
@@ -66,7 +92,7 @@ class Rotary(nn.Module):
         return torch.cat((-x2, x1), dim=-1)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q, k: (B, H, T, head_dim)
+        # q: (B, H, T, head_dim), k: (B, H_kv, T, head_dim)
         T = q.shape[-2]
         cos, sin = self.cos[:T].to(q.dtype), self.sin[:T].to(q.dtype)
         return q * cos + self._rotate_half(q) * sin, k * cos + self._rotate_half(k) * sin

@@ -40,7 +40,8 @@ class Attention(nn.Module):
         self.rotary = None
         if cfg.position == "rotary":
             inv_freq = rope_inv_freq(self.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor,
-                                     cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len)  # fmt: skip
+                                     cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+                                     cfg.rope_original_max_len)  # fmt: skip
             self.rotary = Rotary(self.head_dim, cfg.seq_len, cfg.rope_theta, inv_freq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""Start training from a transformers folder: resolve the config from it, check every tensor's name
+and shape from the safetensors headers (no weights read), then copy weights into a built model.
+
+Loading reads one tensor at a time from memory-mapped safetensors shards and copies it into the
+parameter it belongs to, so the host never holds a second full copy of the model; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from scalesparse.config import Config, ModelConfig, MoEConfig, config_from_dict
+from scalesparse.errors import CheckpointError, ConfigError
+from scalesparse.model.families import Family, family_named, supported
+
+INDEX = "model.safetensors.index.json"
+# Shape-defining fields: the folder sets them; a user's different value is refused, never silently used
+MODEL_DEFAULTS = ModelConfig()
+MOE_DEFAULTS = MoEConfig()
+
+
+def where_of(folder: str | Path) -> str:
+    return f"model.from_pretrained: {folder}"
+
+
+def read_hf_config(folder: Path) -> dict[str, Any]:
+    where = where_of(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{where} is not a folder")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{where} has no config.json (expected a transformers model folder)")
+    try:
+        hf = json.loads(path.read_text())
+    except ValueError:
+        raise ConfigError(f"{where}/config.json is not valid JSON") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{where}/config.json is not a JSON object")
+    return hf
+
+
+def family_of(hf: dict[str, Any], where: str) -> Family:
+    model_type = hf.get("model_type")
+    if model_type not in supported():
+        raise ConfigError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(supported())})")
+    return family_named(model_type)
+
+
+class SafetensorsFiles:
+    """Which shard holds each tensor: from model.safetensors.index.json, else every *.safetensors."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        where = where_of(folder)
+        index = folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.shard_of = {name: folder / shard for name, shard in weight_map.items()}
+        else:
+            shards = sorted(folder.glob("*.safetensors"))
+            if not shards:
+                pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+                extra = f" (found {pickled[0]}: pickled weights are not loaded; save as safetensors)" if pickled else ""
+                raise ConfigError(f"{where} has no *.safetensors weights{extra}")
+            self.shard_of = {}
+            for shard in shards:
+                with safe_open(str(shard), "pt") as f:
+                    self.shard_of.update({name: shard for name in f.keys()})  # noqa: SIM118
+        self._open: dict[Path, Any] = {}
+
+    def _file(self, name: str):
+        shard = self.shard_of[name]
+        if shard not in self._open:
+            if not shard.is_file():
+                raise CheckpointError(f"{where_of(self.folder)}: shard {shard.name} (holding {name}) is missing")
+            self._open[shard] = safe_open(str(shard), "pt")
+        return self._open[shard]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._file(name).get_tensor(name)
+
+
+def _refuse_overrides(user: Any, defaults: Any, fixed: dict[str, Any], section: str, where: str) -> None:
+    for key, value in fixed.items():
+        mine = getattr(user, key)
+        if mine != getattr(defaults, key) and mine != value:
+            raise ConfigError(f"{section}.{key}: {mine!r} differs from the pretrained model's {value!r} ({where}); "
+                              f"shapes come from the checkpoint: remove the setting")  # fmt: skip
+
+
+def resolve_pretrained(cfg: Config, tokenizer_vocab: int | None = None) -> Config:
+    """`cfg` with its model (and MoE) section taken from model.from_pretrained, checked against the
+    folder's tensors. Every problem raises a one-line ConfigError, before any worker starts."""
+    m = cfg.model
+    if not m.from_pretrained:
+        return cfg
+    folder = Path(m.from_pretrained).expanduser().resolve()
+    where = where_of(folder)
+    if cfg.train.init_from:
+        raise ConfigError("model.from_pretrained and train.init_from both name starting weights; keep one")
+    hf = read_hf_config(folder)
+    family = family_of(hf, where)
+    fields = family.model_fields(hf, where)
+    _refuse_overrides(m, MODEL_DEFAULTS, fields, "model", where)
+    if fields["mlp"] == "dense" and m.mlp == "moe":
+        raise ConfigError(f"model.mlp: moe on the dense {family.model_type} model in {folder} "
+                          f"(upcycling a dense model into experts is not supported yet)")  # fmt: skip
+    data = cfg.to_dict()
+    data["model"].update(fields, from_pretrained=str(folder))
+    moe = family.moe_fields(hf)
+    if moe is not None:
+        _refuse_overrides(cfg.moe, MOE_DEFAULTS, moe, "moe", where)
+        data["moe"].update(moe)
+    if m.seq_len > (fields["max_positions"] or m.seq_len):
+        raise ConfigError(f"model.seq_len: {m.seq_len} is longer than the {fields['max_positions']} positions "
+                          f"the pretrained model was trained for ({where})")  # fmt: skip
+    resolved = config_from_dict(data)
+    if tokenizer_vocab is not None and tokenizer_vocab > resolved.model.vocab_size:
+        raise ConfigError(f"{where}: the tokenizer has {tokenizer_vocab} tokens but the embedding only "
+                          f"{resolved.model.vocab_size} rows")  # fmt: skip
+    check_tensors(resolved, family, SafetensorsFiles(folder), where)
+    return resolved
+
+
+def expected_tensors(cfg: Config, family: Family) -> dict[str, tuple[int, ...]]:
+    """transformers name → shape, for every tensor this model needs (built on the meta device: no memory)."""
+    from scalesparse.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg.model, cfg.model.vocab_size, cfg.moe)
+    out = {}
+    for name, p in model.named_parameters():
+        out.update({k: tuple(v.shape) for k, v in family.to_hf(name, p).items()})
+    return out
+
+
+def check_tensors(cfg: Config, family: Family, files: SafetensorsFiles, where: str) -> None:
+    for name, shape in expected_tensors(cfg, family).items():
+        if name not in files.shard_of:
+            raise ConfigError(f"{where}: tensor {name} is missing from the safetensors files")
+        found = files.shape(name)
+        if found != shape:
+            raise ConfigError(f"{where}: tensor {name} has shape {list(found)}, the config implies {list(shape)}")
+
+
+@torch.no_grad()
+def load_pretrained(model: torch.nn.Module, folder: str | Path) -> None:
+    """Copy the folder's weights into `model` (built from the resolved config), one tensor at a time."""
+    folder = Path(folder)
+    family = family_of(read_hf_config(folder), where_of(folder))
+    files = SafetensorsFiles(folder)
+    for name, p in model.named_parameters():  # a tied LM head is yielded once, as embed_tokens
+        tensors = [files.get(n) for n in family.hf_names(name, tuple(p.shape))]
+        p.copy_(family.from_hf(name, tensors))

@@ -1,18 +1,23 @@
 """Ray: start or join a cluster and run a function on N workers (Ray Train for training, a plain gang
 of actors for one-shot jobs). Nothing else imports Ray.
 
-Defaults are safe for a laptop: a local Ray bound to 127.0.0.1, its dashboard on 127.0.0.1 only
-(Ray Train's placement-group cleaner polls the State API, which the dashboard serves; without it
-every worker logs a warning each second), and no usage reporting.
+Defaults are safe for a laptop: a local Ray whose every process listens on 127.0.0.1 only (GCS,
+raylet, workers, agents; its dashboard too: Ray Train's placement-group cleaner polls the State API,
+which the dashboard serves, and without it every worker logs a warning each second), the workers'
+torch.distributed store and gloo sockets on 127.0.0.1 as well, and no usage reporting. A cluster
+(joined with --address, or built with `ray start`) listens where its nodes' addresses say.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import os
 import shlex
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +26,7 @@ from urllib.parse import urlsplit
 
 from scalesparse.config import Config
 from scalesparse.errors import LaunchError, ScalesparseError
+from scalesparse.progress import ROUTINE_PATTERN
 
 # Ports Ray listens on when an address leaves the port out: GCS, Ray Client, dashboard / Jobs API.
 DEFAULT_PORTS = {"": 6379, "ray": 10001, "http": 8265, "https": 443}
@@ -57,15 +63,24 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     """Join `address` (or $RAY_ADDRESS), else start an embedded local Ray. Idempotent."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray holds back a line that several workers print (to print it once, counted) for seconds, or
+    # until shutdown, when the run's Console no longer keeps routine notices off the terminal: let
+    # those through at once. (Read when Ray is first imported.)
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", f"__ray_testing_never_deduplicate__|{ROUTINE_PATTERN}")
     if not address:
-        # On Linux Ray swaps a loopback node address for the routable one so other machines can
-        # join; a local embedded Ray serves this machine only, so keep everything on 127.0.0.1.
-        # (Read when Ray is first imported, hence before the import.)
+        # On Linux Ray swaps a loopback node address (even an explicit _node_ip_address) for the
+        # routable one so that other machines can join, and then every Ray process listens there or on
+        # all interfaces; a local embedded Ray serves this machine only, so keep it on 127.0.0.1. Read
+        # when Ray is first imported (hence before the import) by this process and by the ones it starts.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
+    if not address and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # Ray was imported before the line above could count
     if address:
         try:
             ray.init(address=address, log_to_driver=True)
@@ -81,16 +96,49 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
                 ) from None
             raise
         return
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        log_to_driver=True,
-        logging_level="WARNING",
-    )
+    dashboard_port = _free_loopback_port(preferred=DEFAULT_PORTS["http"])
+    # Ray Train's placement-group cleaner finds the State API by looking for *a* local Ray (and fails,
+    # printing a traceback, when another one runs on this machine); name ours to Ray's processes,
+    # which inherit the variable, and to no one else (the test session's later drivers, say).
+    with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}"):
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=True,
+            logging_level="WARNING",
+        )
     global _EMBEDDED
     _EMBEDDED = True  # this process started it: see runs_locally
+
+
+def _free_loopback_port(preferred: int = 0) -> int:
+    """`preferred` if nothing listens there on 127.0.0.1, else a free port."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise LaunchError("no free port on 127.0.0.1")
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    """Set environment variables for the processes started inside the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _auth_refused(e: BaseException) -> bool:
@@ -119,18 +167,74 @@ def shutdown_ray() -> None:
     _EMBEDDED = False
 
 
-def _ray_progress(total: int, desc: str):
-    # Ray forwards worker stdout line by line; tqdm_ray renders one live bar on the driver instead
-    from ray.experimental import tqdm_ray
-
-    return tqdm_ray.tqdm(total=total, desc=desc)
-
-
 def _worker_entry(args: dict[str, Any]) -> None:
     from scalesparse.train.loop import train_worker
 
     _record_worker(Path(args["run_dir"]))
-    train_worker(args, progress_factory=_ray_progress)
+    train_worker(args, progress_factory=_board_progress(args.get("progress_board")))
+
+
+class _ProgressBoard:
+    """Where rank 0 posts its progress and the driver takes it (a Ray actor: a worker's own output
+    reaches the driver only as prefixed log lines, where a terminal's bar cannot be drawn)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def post(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def take(self) -> list[dict[str, Any]]:
+        events, self.events = self.events, []
+        return events
+
+
+def _board_progress(board: tuple[str, str] | None):
+    """Rank 0's progress factory when the driver shows progress: reports to its board."""
+    if board is None:
+        return None
+    import ray
+
+    from scalesparse.progress import RemoteProgress
+
+    handle = ray.get_actor(board[0], namespace=board[1])
+    return lambda total, desc: RemoteProgress(handle.post.remote, total, desc)
+
+
+@contextlib.contextmanager
+def _progress_board(view, interval_s: float = 0.25):
+    """A board for rank 0 to post to, followed by a thread that feeds `view` (the driver's bar or
+    lines) until the block ends; yields the board's (name, namespace) for the workers, or None."""
+    if view is None:
+        yield None
+        return
+    import ray
+
+    name = _unique("scalesparse-progress")
+    board = ray.remote(_ProgressBoard).options(name=name, num_cpus=0).remote()
+    stop = threading.Event()
+
+    def follow() -> None:
+        while not stop.wait(interval_s):
+            try:
+                events = ray.get(board.take.remote())
+            except Exception:  # Ray going down under a failed run: the run's own error says why
+                return
+            view.feed(events)
+
+    thread = threading.Thread(target=follow, name="scalesparse-progress", daemon=True)
+    thread.start()
+    try:
+        yield name, ray.get_runtime_context().namespace
+    finally:
+        stop.set()
+        thread.join()
+        try:
+            view.feed(ray.get(board.take.remote(), timeout=10))  # what came after the last look
+        except Exception:
+            pass
+        view.close()
+        ray.kill(board)
 
 
 def _record_worker(run_dir: Path) -> None:
@@ -189,31 +293,36 @@ def check_gpus(workers: int, gpus_per_worker: float, address: str | None, visibl
 
 
 def run_workers(cfg: Config, args: dict[str, Any], address: str | None = None,
-                entry: Callable[[dict[str, Any]], None] = _worker_entry) -> None:  # fmt: skip
-    """Run a training `entry(args)` on cfg.parallel.workers Ray Train workers."""
+                entry: Callable[[dict[str, Any]], None] = _worker_entry, progress=None) -> None:  # fmt: skip
+    """Run a training `entry(args)` on cfg.parallel.workers Ray Train workers; `progress`: the
+    driver's view of rank 0's progress (scalesparse.progress.ProgressView), if it shows one."""
     ft = cfg.fault_tolerance
     run_on_workers(
         entry, args, workers=cfg.parallel.workers, cpus_per_worker=cfg.resources.cpus_per_worker,
         gpus_per_worker=cfg.resources.gpus_per_worker, placement=cfg.resources.placement,
         backend=cfg.parallel.backend, storage=Path(args["run_dir"]) / "ray", name=cfg.name,
         max_failures=ft.max_failures, address=address, start_timeout_s=ft.restart_timeout_s if ft.elastic else None,
+        progress=progress,
     )  # fmt: skip
 
 
 def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any], *, workers: int,
                    cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, placement: str = "PACK",
                    backend: str = "auto", storage: Path, name: str, max_failures: int = 0,
-                   address: str | None = None, start_timeout_s: float | None = None) -> None:  # fmt: skip
+                   address: str | None = None, start_timeout_s: float | None = None,
+                   progress=None) -> None:  # fmt: skip
     """Run `entry(args)` on `workers` Ray Train workers that share a torch process group.
 
     `start_timeout_s`: give up (raise) when a worker group cannot get its resources within that
     time, instead of Ray Train's default of waiting and retrying forever; the caller can then
-    continue on fewer workers (fault_tolerance.elastic)."""
+    continue on fewer workers (fault_tolerance.elastic). `progress`: a view the driver feeds with
+    what rank 0 reports (args["progress_board"] tells the workers where to report)."""
+    # Logical CPUs: 2 workers × 1 CPU must fit on a 2-core laptop next to the driver. (Ray is
+    # started before anything imports it: see init_ray.)
+    _connect(address, workers * cpus_per_worker)
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Logical CPUs: 2 workers × 1 CPU must fit on a 2-core laptop next to the driver.
-    _connect(address, workers * cpus_per_worker)
     check_gpus(workers, gpus_per_worker, address)
     # Ray Train 2.5x routes a worker's print() through its logger (to the driver's stderr) *and* its
     # stdout, so every line reached the terminal twice; the driver propagates this switch to workers.
@@ -227,20 +336,22 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
     if start_timeout_s is not None:  # read by Ray Train's controller, which the driver passes it to
         os.environ[timeout_var] = str(start_timeout_s)
         failure = FailureConfig(max_failures=max_failures, controller_failure_limit=0)
-    trainer = TorchTrainer(
-        entry,
-        train_loop_config=args,
-        torch_config=TorchConfig(backend=backend),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
-                                     placement_strategy=placement),  # fmt: skip
-        run_config=RunConfig(
-            name=_unique(name),
-            storage_path=str(Path(storage).resolve()),
-            failure_config=failure,
-        ),
-    )
+    torch_config = _loopback_torch_config(backend) if _loopback_cluster() else TorchConfig(backend=backend)
     try:
-        trainer.fit()
+        with _progress_board(progress) as board:
+            trainer = TorchTrainer(
+                entry,
+                train_loop_config={**args, "progress_board": board} if board else args,
+                torch_config=torch_config,
+                scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu, resources_per_worker=resources,
+                                             placement_strategy=placement),  # fmt: skip
+                run_config=RunConfig(
+                    name=_unique(name),
+                    storage_path=str(Path(storage).resolve()),
+                    failure_config=failure,
+                ),
+            )
+            trainer.fit()
     except TrainingFailedError as e:
         raise ScalesparseError(f"{name} failed on the workers: {_root_cause(e)}") from e
     finally:
@@ -248,6 +359,93 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
             os.environ.pop(timeout_var, None)
         else:
             os.environ[timeout_var] = saved_timeout
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _loopback_cluster() -> bool:
+    """Does every node of the Ray we are on live at a loopback address (the embedded local Ray, or a
+    cluster simulated on this machine)? Then the workers' own sockets belong there too."""
+    import ray
+
+    return all(_is_loopback(n["NodeManagerAddress"]) for n in ray.nodes() if n.get("Alive"))
+
+
+# Rank 0's rendezvous store servers, alive as long as its process: torch's process group keeps using them.
+_STORES: list[Any] = []
+
+
+def _serve_store_on_loopback() -> int:
+    """Start a torch.distributed store server listening on 127.0.0.1 only; its port.
+
+    torch's TCPStore listens on every interface whatever host it is given; only a socket handed to it
+    (master_listen_fd) decides where. The process group's own store (init_process_group with env://
+    or tcp://, multi-tenant) then finds this server on its port and reuses it instead of starting one."""
+    import torch.distributed as dist
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    _STORES.append(dist.TCPStore("127.0.0.1", port, None, True, multi_tenant=True, wait_for_workers=False,
+                                 master_listen_fd=sock.detach()))  # fmt: skip
+    return port
+
+
+def _loopback_interface() -> str:
+    import psutil  # Ray's own dependency
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
+            return name
+    return "lo"
+
+
+def _use_loopback_sockets() -> None:
+    """gloo (CPU collectives) and NCCL's bootstrap listen on the interface these name; by default gloo
+    takes the one the host name resolves to, NCCL any but loopback."""
+    lo = _loopback_interface()
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
+
+
+def _rendezvous_on_loopback(port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _use_loopback_sockets()
+
+
+def _loopback_torch_config(backend: str):
+    """Ray Train's TorchConfig, but the process group's store and sockets listen on 127.0.0.1 only.
+
+    Ray Train's torch backend picks rank 0's node address and a free port and lets
+    init_process_group start the store there, which listens on every interface; this one starts the
+    store first (`_serve_store_on_loopback`), then does the rest of Ray's setup as Ray does it."""
+    import ray
+    from ray.train.torch import TorchConfig
+    from ray.train.torch import config as ray_torch
+
+    class LoopbackTorchBackend(ray_torch._TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            port = worker_group.execute_single(0, _serve_store_on_loopback)
+            worker_group.execute(_rendezvous_on_loopback, port)
+            worker_group.execute(ray_torch._set_torch_distributed_env_vars)
+            ray.get([worker_group.execute_single_async(i, ray_torch._setup_torch_process_group,
+                                                       backend=backend_config.backend, world_rank=i,
+                                                       world_size=len(worker_group), init_method="env://",
+                                                       timeout_s=backend_config.timeout_s)
+                     for i in range(len(worker_group))])  # fmt: skip
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackTorchBackend
+
+    return LoopbackTorchConfig(backend=backend)
 
 
 def worker_slots(cpus_per_worker: float, gpus_per_worker: float = 0.0, address: str | None = None) -> int:
@@ -273,9 +471,11 @@ PLACEMENT_TIMEOUT_S = 300.0  # room for an autoscaler to add nodes; then a clear
 class _GangMember:
     """One rank of `run_on_actors`: a plain Ray actor (made remote there, so importing launch needs no Ray)."""
 
-    def free_port(self) -> tuple[str, int]:
+    def free_port(self, loopback: bool = False) -> tuple[str, int]:
         import ray
 
+        if loopback:  # this rank hosts the store, on 127.0.0.1 only (init_group's store reuses it)
+            return "127.0.0.1", _serve_store_on_loopback()
         with socket.socket() as s:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
@@ -286,6 +486,8 @@ class _GangMember:
         from scalesparse import comm
 
         torch.set_num_threads(threads)
+        if _is_loopback(master[0]):
+            _use_loopback_sockets()
         comm.init_group(backend, rank, world, *master)
         # No try/finally: a rank that raises keeps its process group up until the driver kills the
         # gang, so its peers block instead of failing on the teardown and hiding the real error.
@@ -323,7 +525,7 @@ def run_on_actors(entry: Callable[[dict[str, Any]], Any], args: dict[str, Any], 
         actors = [member.options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                  scheduling_strategy=PlacementGroupSchedulingStrategy(group, r)).remote()
                   for r in range(workers)]  # fmt: skip
-        master = ray.get(actors[0].free_port.remote())
+        master = ray.get(actors[0].free_port.remote(_loopback_cluster()))
         threads = max(1, int(cpus_per_worker))
         refs = [a.run.remote(entry, args, r, workers, master, backend, threads) for r, a in enumerate(actors)]
         pending = list(refs)

@@ -1,4 +1,5 @@
-"""Progress when the output is not a terminal: one plain line per log step, not a bar per refresh."""
+"""Progress a person sees: rank 0 reports, the driver draws a bar on a terminal and one plain line
+per log step otherwise; the driver's Console keeps routine notices in the run's log only."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 import pytest
 import yaml
 
-from scalesparse.train.loop import LineProgress
+from scalesparse.progress import Console, LineProgress, ProgressView, RemoteProgress
 from tests.conftest import REPO, tiny_config
 
 
@@ -34,6 +35,105 @@ def test_one_line_every_log_step_and_at_the_end():
 def test_a_resumed_run_counts_from_its_starting_step():
     out = lines_of(total=10, every=3, start=4, steps=6)
     assert [re.search(r"step (\d+)/10", line).group(1) for line in out] == ["6", "9", "10"]
+
+
+def rank0_events(total: int, every: int, eval_every: int, start: int = 0, run: str = "a") -> list[dict]:
+    """What the loop's calls on rank 0's RemoteProgress post, for a run that steps instantly."""
+    events: list[dict] = []
+    p = RemoteProgress(events.append, total, "run", interval_s=3600)  # only the forced reports
+    p.id = run
+    p.update(start)
+    if start == 0:
+        p.write("step 0: val_loss 9")
+    for step in range(start + 1, total + 1):
+        if step % every == 0 or step == total:
+            p.set_description(f"run loss {step}")
+        p.update(1)
+        if step % eval_every == 0:
+            p.write(f"step {step}: val_loss {step}")
+    p.close()
+    return events
+
+
+class FakeConsole:
+    def __init__(self) -> None:
+        import threading
+
+        self.lock, self.bar, self.logged = threading.RLock(), None, []
+
+    def log_only(self, line: str) -> None:
+        self.logged.append(line)
+
+
+def test_the_driver_prints_rank0s_log_steps_and_lines_in_order(capsys):
+    view = ProgressView(every=3, console=None, terminal=False)
+    view.feed(rank0_events(total=10, every=3, eval_every=5))
+    view.close()
+    out = capsys.readouterr().out.splitlines()
+    steps = [re.search(r"(step \d+/10|val_loss \d+)", line).group(1) for line in out]
+    assert steps == ["val_loss 9", "step 3/10", "val_loss 5", "step 6/10", "step 9/10", "step 10/10",
+                     "val_loss 10"]  # fmt: skip
+    assert out[1].startswith("run loss 3 | step 3/10 (30%) |")
+
+
+def test_a_restarted_rank0_starts_a_new_count(capsys):
+    view = ProgressView(every=2, console=None, terminal=False)
+    died = [e for e in rank0_events(total=10, every=2, eval_every=100) if e.get("n", 0) <= 5 and not e.get("closed")]
+    view.feed(died)  # the worker group died after step 5; its replacement resumes from step 4
+    view.feed(rank0_events(total=10, every=2, eval_every=100, start=4, run="b"))
+    out = capsys.readouterr().out
+    assert re.findall(r"step (\d+)/10", out) == ["2", "4", "6", "8", "10"]
+    assert "step 6/10 (60%)" in out
+
+
+def test_the_bar_moves_on_a_terminal_that_reports_no_width():
+    """`script -qc` from a pipe: a pty nobody sized (0 columns), where tqdm would draw an empty bar."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    terminal = os.fdopen(secondary, "w", buffering=1)
+    console = FakeConsole()
+    console.terminal = terminal
+    view = ProgressView(every=5, console=console, terminal=True)
+    events = rank0_events(total=20, every=5, eval_every=100)
+    for e in events:  # one report at a time, as the driver's follower thread gets them
+        view.feed([e])
+    view.close()
+    terminal.close()
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(primary)
+    text = drawn.decode(errors="replace")
+    counts = set(re.findall(r"\| (\d+)/20 \[", text))
+    assert {"5", "10", "15", "20"} <= counts, text[-2000:]
+    assert "\r" in text  # redrawn in place
+    assert [line for line in console.logged if "step" in line][-1].startswith("run loss 20 | step 20/20 (100%)")
+
+
+def test_console_keeps_routine_notices_in_the_log_only(tmp_path, capsys):
+    with Console(tmp_path / "train.log"):
+        print("model: 1.3M parameters")
+        print("(TrainController pid=1) [2026 E core_worker.cc:2465] Actor with class name: 'PreemptionWatcher' and "
+              "ID: 'ab' has constructor arguments in the object store and max_restarts > 0.")  # fmt: skip
+        sys.stderr.write("2026 WARNING authentication_token_setup.py:85 -- Token authentication is enabled for "
+                         "this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.\n")  # fmt: skip
+        print("(RayTrainWorker pid=2) DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built ", end="")
+        print("successfully")
+        sys.stderr.write("a real error\n")
+        print("a line without its newline", end="")
+    seen = capsys.readouterr()
+    assert seen.out == "model: 1.3M parameters\na line without its newline\n"
+    assert seen.err == "a real error\n"
+    log = (tmp_path / "train.log").read_text()
+    for kept in ("PreemptionWatcher", "Token authentication", "built successfully", "a real error", "model:"):
+        assert kept in log
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from scalesparse.config import Config
 from scalesparse.data import PreparedData, prepare_data
 from scalesparse.errors import CheckpointError, ConfigError, ScalesparseError
+from scalesparse.progress import Console, ProgressView
 from scalesparse.train import checkpoint as ckpt
 from scalesparse.train import elastic
 from scalesparse.train.metrics import read_metrics
@@ -137,16 +137,18 @@ def check_init_from(cfg: Config, vocab: int) -> None:
                           f"the data {vocab}")
 
 
-def run_elastic(cfg: Config, args: dict[str, Any], run_dir: Path, address: str | None) -> list[dict[str, Any]]:
+def run_elastic(cfg: Config, args: dict[str, Any], run_dir: Path, address: str | None,
+                progress: ProgressView | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Run the workers; with fault_tolerance.elastic, when the group failed and the cluster no longer
     holds it at full size, continue on fewer workers from the latest complete checkpoint (reshaped,
-    train/elastic.py), as often as it takes. Returns one record per shrink."""
+    train/elastic.py), as often as it takes. Returns one record per shrink. `progress`: where rank
+    0's progress is shown."""
     from scalesparse import launch
 
     shrunk: list[dict[str, Any]] = []
     while True:
         try:
-            launch.run_workers(cfg, args, address=address)
+            launch.run_workers(cfg, args, address=address, progress=progress)
             return shrunk
         except ScalesparseError as e:
             if not cfg.fault_tolerance.elastic:
@@ -268,11 +270,13 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
         print(f"resuming from {start}", flush=True)
     args = {"config": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "data": data.to_dict(),
             "resume": str(start.resolve()) if start else None,
-            "latest_at_launch": getattr(ckpt.latest_checkpoint(run_dir / "checkpoints"), "name", None),
-            # piped or logged output gets one line per log step instead of a bar's every refresh
-            "progress_lines": not sys.stdout.isatty()}  # fmt: skip
+            "latest_at_launch": getattr(ckpt.latest_checkpoint(run_dir / "checkpoints"), "name", None)}  # fmt: skip
     t0 = time.perf_counter()
-    shrunk = run_elastic(cfg, args, run_dir, address)
+    # everything printed while the workers run goes to train.log; Ray's and DeepSpeed's routine notices
+    # only there. Rank 0's progress is drawn here: a bar on a terminal, a line per log step otherwise.
+    with Console(run_dir / "train.log") as console:
+        view = ProgressView(cfg.logging.log_every, console) if cfg.logging.progress else None
+        shrunk = run_elastic(cfg, args, run_dir, address, view)
     wall = time.perf_counter() - t0
 
     records = read_metrics(run_dir)

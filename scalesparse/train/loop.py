@@ -11,10 +11,9 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from scalesparse import comm
 from scalesparse.config import Config, config_from_dict
 from scalesparse.data import BatchSchedule, PreparedData, TokenBlocks, rank_slice
+from scalesparse.progress import LineProgress, Progress, ProgressFactory, tqdm_progress
 from scalesparse.train import checkpoint as ckpt
 from scalesparse.train import elastic
 from scalesparse.train.engine import (
@@ -38,59 +38,6 @@ from scalesparse.train.engine import (
 )
 from scalesparse.train.experts import ExpertParallel
 from scalesparse.train.metrics import MetricsLogger
-
-
-class Progress(Protocol):
-    def update(self, n: int = 1) -> Any: ...
-    def set_description(self, desc: str) -> Any: ...
-    def close(self) -> Any: ...
-
-
-ProgressFactory = Callable[[int, str], Progress]
-
-
-def _tqdm_progress(total: int, desc: str) -> Progress:
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, dynamic_ncols=True)
-
-
-class LineProgress:
-    """Progress for output that is not a terminal (`make demo | tee log`, a Ray Job's log): one plain
-    line every `every` steps and at the end, where a bar's every refresh would become a line of its own."""
-
-    def __init__(self, total: int, desc: str, every: int, out: Callable[[str], Any] | None = None) -> None:
-        self.total, self.desc, self.every = total, desc, max(1, every)
-        self.n, self.start_n, self.started, self.t0 = 0, 0, False, time.perf_counter()
-        self.out = out or (lambda line: print(line, flush=True))
-
-    def update(self, n: int = 1) -> None:
-        before, self.n = self.n, self.n + n
-        if not self.started:  # the loop's first call gives the starting step (> 0 after a resume)
-            self.started, self.start_n = True, self.n
-            return
-        if self.n // self.every > before // self.every or self.n == self.total:
-            self.out(self._line())
-
-    def set_description(self, desc: str) -> None:
-        self.desc = desc
-
-    def close(self) -> None:
-        pass
-
-    def _line(self) -> str:
-        elapsed = time.perf_counter() - self.t0
-        done = self.n - self.start_n
-        eta = elapsed / done * (self.total - self.n) if done else float("nan")
-        return (f"{self.desc} | step {self.n}/{self.total} ({self.n / max(1, self.total):.0%}) | "
-                f"{_clock(elapsed)} elapsed, {_clock(eta)} left")  # fmt: skip
-
-
-def _clock(seconds: float) -> str:
-    if seconds != seconds:  # nan: nothing measured yet
-        return "?"
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 @dataclass
@@ -360,18 +307,24 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             logger.log(dst.masks_loaded(state.step))
     progress: Progress | None = None
     if rank == 0 and cfg.logging.progress:
-        if args.get("progress_lines"):  # the driver's output is not a terminal
+        if progress_factory is not None:  # launch's: the driver draws what rank 0 reports
+            progress = progress_factory(cfg.train.steps, cfg.name)
+        elif args.get("progress_lines"):  # run in-process, output not a terminal
             progress = LineProgress(cfg.train.steps, cfg.name, cfg.logging.log_every)
         else:
-            progress = (progress_factory or _tqdm_progress)(cfg.train.steps, cfg.name)
+            progress = tqdm_progress(cfg.train.steps, cfg.name)
         progress.update(state.step)
     tokens_per_step = cfg.train.global_batch_size * T
 
     def run_eval(step: int) -> None:
         val = evaluate(engine, val_blocks, cfg.data.val_blocks, micro)
         logger.log({"step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))})
-        if rank == 0:
-            print(f"step {step}: val_loss {val:.4f}  val_ppl {math.exp(min(val, 50.0)):.2f}", flush=True)
+        if rank == 0:  # through the progress when there is one: in order with it, above its bar
+            line = f"step {step}: val_loss {val:.4f}  val_ppl {math.exp(min(val, 50.0)):.2f}"
+            if progress is not None:
+                progress.write(line)
+            else:
+                print(line, flush=True)
 
     if state.step == 0 and resume is None:
         run_eval(0)

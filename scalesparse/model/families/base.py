@@ -111,9 +111,9 @@ class Family:
             "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.kv_heads,
             "head_dim": m.attn_head_dim, "hidden_act": "silu", "rms_norm_eps": m.norm_eps,
             "max_position_embeddings": m.max_positions or m.seq_len, "tie_word_embeddings": m.tie_embeddings,
-            "rope_parameters": rope_to_hf(m), "torch_dtype": "float32",
+            "rope_parameters": rope_to_hf(m), "dtype": "float32",
         })  # fmt: skip
-        out.pop("dtype", None)
+        out.pop("torch_dtype", None)
         out.update(self.extra_hf_config(m, moe))
         return out
 

@@ -249,6 +249,10 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     check_local_gpus(cfg, address)
     run_dir = prepare_run_dir(cfg, resume)
     data: PreparedData = prepare_data(cfg.data)
+    if cfg.model.from_pretrained:  # architecture and shapes from the folder, checked before workers start
+        from scalesparse.model.pretrained import resolve_pretrained
+
+        cfg = resolve_pretrained(cfg, data.vocab_size)
     start = resolve_resume(cfg, resume, run_dir, data.vocab_size)
     if cfg.train.init_from and start is None:
         check_init_from(cfg, data.vocab_size)

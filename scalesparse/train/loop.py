@@ -272,7 +272,11 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     restarted = latest is not None and latest.name != args.get("latest_at_launch")
     resume = latest if restarted else (Path(args["resume"]) if args.get("resume") else None)
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = GPT(cfg.model, data.vocab_size, cfg.moe)
+    model = GPT(cfg.model, cfg.model.vocab_size or data.vocab_size, cfg.moe)
+    if cfg.model.from_pretrained and resume is None:  # a resumed run's weights come from its checkpoint
+        from scalesparse.model.pretrained import load_pretrained
+
+        load_pretrained(model, cfg.model.from_pretrained)
     if cfg.train.init_from and resume is None:
         from scalesparse.export import load_weights
 

@@ -248,7 +248,7 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     launch.check_reachable(address)  # seconds, not minutes of retries
     check_local_gpus(cfg, address)
     run_dir = prepare_run_dir(cfg, resume)
-    data: PreparedData = prepare_data(cfg.data)
+    data: PreparedData = prepare_data(cfg.data, cfg.model.vocab_size)  # the embedding must hold every token id
     if cfg.model.from_pretrained:  # architecture and shapes from the folder, checked before workers start
         from scalesparse.model.pretrained import resolve_pretrained
 

@@ -17,6 +17,7 @@ from scalesparse import cli
 from scalesparse.config import config_from_dict
 from scalesparse.train import checkpoint as ckpt
 from tests.conftest import tiny_config
+from tests.data.helpers import data_config, own_data_config
 
 
 def fake_checkpoint(run_dir: Path, small_data: dict, **model) -> Path:
@@ -142,6 +143,26 @@ CASES = {
     "config show: empty config": (lambda c: ["config", "show", c.config(text="")], "the config file is empty"),
     "prune: cpus_per_worker 0": (lambda c: ["prune", "--model", str(c.tmp), "--set", "cpus_per_worker=0", "--out",
                                             str(c.tmp / "o")], "cpus_per_worker: 0"),  # fmt: skip
+    "train: data path matches nothing": (lambda c: ["train", own_data_config(c, {}, pattern="nowhere/*.jsonl")],
+                                         "nowhere/*.jsonl matches no file"),
+    "train: empty data file": (lambda c: ["train", own_data_config(c, {"a.jsonl": b""})], "a.jsonl is empty"),
+    "train: JSONL without the text field": (
+        lambda c: ["train", own_data_config(c, {"a.jsonl": b'{"body": "x", "id": 1}\n'})],
+        "has no field 'text' (fields: body, id); set data.sources[0].text_field"),
+    "train: JSONL line not JSON": (lambda c: ["train", own_data_config(c, {"a.jsonl": b'{"text": "ok"}\n{"text": \n'})],
+                                   "a.jsonl: line 2 is not JSON"),
+    "train: non-UTF-8 text": (lambda c: ["train", own_data_config(c, {"a.txt": b"caf\xe9 au lait", "b.txt": b"ok"})],
+                              "a.txt: not UTF-8 at byte 3; fix the file or set data.encoding_errors: replace"),
+    "train: tokenizer folder without tokenizer": (
+        lambda c: ["train", own_data_config(c, {"a.jsonl": b'{"text": "x"}\n'}, tokenizer="hf",
+                                            tokenizer_path=str(Path(c.config("README.md", text="")).parent))],
+        "has no tokenizer files (looked for tokenizer.json"),
+    "train: tokenizer larger than the embedding": (
+        lambda c: ["train", own_data_config(c, {"a.jsonl": b'{"text": "x"}\n'}), "--set", "model.vocab_size=200"],
+        "model.vocab_size: 200 embedding rows cannot hold the tokenizer's 257 tokens"),
+    "train: hub dataset offline": (
+        lambda c: ["train", data_config(c, sources=[{"hub": "someone/corpus"}], val_fraction=0.1)],
+        "point data.sources[0].path at the local files"),
 }
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +173,19 @@ class Document:
     weight: float = 1.0
 
 
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """datasets logs a traceback before it raises; our one-line error replaces both."""
+    import datasets
+
+    level = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(level)
+
+
 def _load(src: SourceConfig, cfg: DataConfig, where: str, files: list[Path] | None):
     import datasets
 
@@ -231,12 +246,13 @@ def _check_field(ds, src: SourceConfig, where: str, files: list[Path] | None) ->
 
 def read_source(src: SourceConfig, cfg: DataConfig, where: str, batch: int = 256) -> Iterator[Document]:
     files = None if src.hub else resolve_files(src, where)
-    ds = _load(src, cfg, where, files)
-    _check_field(ds, src, where, files)
+    with quiet_datasets():
+        ds = _load(src, cfg, where, files)
+        _check_field(ds, src, where, files)
     rows_are_files = files is not None and FORMATS.get(suffix_of(files[0])).rows_are_files
     n = 0
     try:
-        for rows in ds.iter(batch_size=batch):
+        for rows in _quietly(ds.iter(batch_size=batch)):
             for text in rows[src.text_field]:
                 if rows_are_files:
                     name = files[n].name.split(".")[0]
@@ -253,6 +269,17 @@ def read_source(src: SourceConfig, cfg: DataConfig, where: str, batch: int = 256
                        e) from None  # fmt: skip
     if rows_are_files and n != len(files):
         raise DataError(f"{where}: read {n} documents from {len(files)} .txt files; is one of them empty?")
+
+
+def _quietly(rows: Iterator[dict]) -> Iterator[dict]:
+    """Each batch is read with datasets' logging off; the caller's work between batches is not."""
+    it = iter(rows)
+    while True:
+        with quiet_datasets():
+            batch = next(it, None)
+        if batch is None:
+            return
+        yield batch
 
 
 def read_corpus(paths: list[Path], cfg: DataConfig) -> Iterator[Document]:

@@ -35,3 +35,22 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({field: t, "id": i}) + "\n" for i, t in enumerate(texts)), encoding="utf-8")
     return path
+
+
+def own_data_config(case, files: dict[str, bytes], pattern: str = "corpus/*", **data) -> str:
+    """A run config (tests/test_bad_input.py's Case) training on files written under its tmp folder."""
+    for name, content in files.items():
+        path = case.tmp / "corpus" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    section = {"sources": [{"path": str(case.tmp / pattern)}], "tokenizer": "byte", "val_fraction": 0.5, **data}
+    return data_config(case, **section)
+
+
+def data_config(case, **data) -> str:
+    """A run config whose data section is the tests' one updated with `data`."""
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    return case.config(text=yaml.safe_dump(tiny_config({**case.data, **data}, case.tmp / "run")))

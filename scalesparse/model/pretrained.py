@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from scalesparse.config import Config, ModelConfig, MoEConfig, config_from_dict
+from scalesparse.config import Config, DataConfig, ModelConfig, MoEConfig, config_from_dict
 from scalesparse.errors import CheckpointError, ConfigError
 from scalesparse.model.families import Family, family_named, supported
 
@@ -22,6 +22,8 @@ INDEX = "model.safetensors.index.json"
 # Shape-defining fields: the folder sets them; a user's different value is refused, never silently used
 MODEL_DEFAULTS = ModelConfig()
 MOE_DEFAULTS = MoEConfig()
+DATA_DEFAULTS = DataConfig()
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def where_of(folder: str | Path) -> str:
@@ -109,16 +111,19 @@ def resolve_pretrained(cfg: Config, tokenizer_vocab: int | None = None) -> Confi
     hf = read_hf_config(folder)
     family = family_of(hf, where)
     fields = family.model_fields(hf, where)
-    _refuse_overrides(m, MODEL_DEFAULTS, fields, "model", where)
     if fields["mlp"] == "dense" and m.mlp == "moe":
         raise ConfigError(f"model.mlp: moe on the dense {family.model_type} model in {folder} "
                           f"(upcycling a dense model into experts is not supported yet)")  # fmt: skip
+    _refuse_overrides(m, MODEL_DEFAULTS, fields, "model", where)
     data = cfg.to_dict()
     data["model"].update(fields, from_pretrained=str(folder))
     moe = family.moe_fields(hf)
     if moe is not None:
         _refuse_overrides(cfg.moe, MOE_DEFAULTS, moe, "moe", where)
         data["moe"].update(moe)
+    if cfg.data.tokenizer == DATA_DEFAULTS.tokenizer and any((folder / f).is_file() for f in TOKENIZER_FILES):
+        # the model's own tokenizer unless the user chose another: its ids are what the embedding knows
+        data["data"].update(tokenizer="hf", tokenizer_path=str(folder))
     if m.seq_len > (fields["max_positions"] or m.seq_len):
         raise ConfigError(f"model.seq_len: {m.seq_len} is longer than the {fields['max_positions']} positions "
                           f"the pretrained model was trained for ({where})")  # fmt: skip

@@ -248,11 +248,11 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     launch.check_reachable(address)  # seconds, not minutes of retries
     check_local_gpus(cfg, address)
     run_dir = prepare_run_dir(cfg, resume)
-    data: PreparedData = prepare_data(cfg.data, cfg.model.vocab_size)  # the embedding must hold every token id
-    if cfg.model.from_pretrained:  # architecture and shapes from the folder, checked before workers start
+    if cfg.model.from_pretrained:  # architecture, shapes and tokenizer from the folder, before data and workers
         from scalesparse.model.pretrained import resolve_pretrained
 
-        cfg = resolve_pretrained(cfg, data.vocab_size)
+        cfg = resolve_pretrained(cfg)
+    data: PreparedData = prepare_data(cfg.data, cfg.model.vocab_size)  # the embedding must hold every token id
     start = resolve_resume(cfg, resume, run_dir, data.vocab_size)
     if cfg.train.init_from and start is None:
         check_init_from(cfg, data.vocab_size)

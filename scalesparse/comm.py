@@ -6,6 +6,7 @@ runs unchanged: with no process group every helper is the identity.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import torch
@@ -15,6 +16,22 @@ import torch.distributed as dist
 def init_group(backend: str, rank: int, world: int, address: str, port: int) -> None:
     """Join a process group rendezvousing at rank 0's address:port (launchers that are not Ray Train)."""
     dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
+
+
+def serve_store_on_loopback() -> tuple[int, Any]:
+    """Start a rendezvous store server that listens on 127.0.0.1 only; its port, and the store (keep
+    it alive: the process group goes on using the server).
+
+    torch's TCPStore listens on every interface whatever host it is given; only a socket handed to it
+    (master_listen_fd) decides where. init_process_group's own store (env:// or tcp://, multi-tenant)
+    then finds this server on its port in the same process and reuses it instead of starting one."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, None, True, multi_tenant=True, wait_for_workers=False,
+                          master_listen_fd=sock.detach())  # fmt: skip
+    return port, store
 
 
 def close_group() -> None:

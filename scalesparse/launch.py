@@ -381,19 +381,11 @@ _STORES: list[Any] = []
 
 
 def _serve_store_on_loopback() -> int:
-    """Start a torch.distributed store server listening on 127.0.0.1 only; its port.
+    """Rank 0's store server on 127.0.0.1 only (comm.serve_store_on_loopback); its port."""
+    from scalesparse import comm
 
-    torch's TCPStore listens on every interface whatever host it is given; only a socket handed to it
-    (master_listen_fd) decides where. The process group's own store (init_process_group with env://
-    or tcp://, multi-tenant) then finds this server on its port and reuses it instead of starting one."""
-    import torch.distributed as dist
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(1024)
-    port = sock.getsockname()[1]
-    _STORES.append(dist.TCPStore("127.0.0.1", port, None, True, multi_tenant=True, wait_for_workers=False,
-                                 master_listen_fd=sock.detach()))  # fmt: skip
+    port, store = comm.serve_store_on_loopback()
+    _STORES.append(store)
     return port
 
 

@@ -226,15 +226,15 @@ def _progress_board(view, interval_s: float = 0.25):
     thread.start()
     try:
         yield name, ray.get_runtime_context().namespace
-    finally:
+    finally:  # (never raising: a failed run's own error is the one to see)
         stop.set()
-        thread.join()
+        thread.join(timeout=30)
         try:
             view.feed(ray.get(board.take.remote(), timeout=10))  # what came after the last look
+            ray.kill(board)
         except Exception:
             pass
         view.close()
-        ray.kill(board)
 
 
 def _record_worker(run_dir: Path) -> None:

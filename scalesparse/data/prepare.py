@@ -260,7 +260,8 @@ def _tokenize_into(docs, tokenizer, held_out, writers: dict[str, TokenWriter], p
 
 
 class Progress:
-    """Plain progress lines on stderr (documents, MB, rates) every few seconds; quiet for small corpora."""
+    """Plain progress lines on stdout, beside the driver's other reports (stderr is kept for problems):
+    documents, MB, rates, every few seconds; quiet for small corpora."""
 
     def __init__(self, every_s: float = 5.0) -> None:
         self.t0 = self.last = time.perf_counter()
@@ -277,8 +278,8 @@ class Progress:
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
-            print(self.line(), file=sys.stderr, flush=True)
+            print(self.line(), flush=True)
 
     def done(self) -> None:
         if time.perf_counter() - self.t0 >= self.every_s:
-            print(self.line() + " — done", file=sys.stderr, flush=True)
+            print(self.line() + " — done", flush=True)

@@ -132,7 +132,8 @@ def main() -> None:
         for size in args.sizes_mb:
             corpus = tmp / f"corpus-{size}.jsonl"
             text_bytes = build_corpus(corpus, size)
-            ours = measure("prepare", str(corpus), tokenizer, str(tmp / f"cache-{size}"), "1" if args.streaming else "0")
+            streaming = "1" if args.streaming else "0"
+            ours = measure("prepare", str(corpus), tokenizer, str(tmp / f"cache-{size}"), streaming)
             peer = measure("encode_batch", str(corpus), tokenizer)
             row = {"size_mb": round(text_bytes / 1e6, 1), "file_mb": round(corpus.stat().st_size / 1e6, 1)}
             for name, r in (("prepare_data", ours), ("encode_batch", peer)):
@@ -140,14 +141,19 @@ def main() -> None:
                              "tokens_per_s": r["tokens"] / r["seconds"]}  # fmt: skip
             row["throughput_ratio"] = row["prepare_data"]["tokens_per_s"] / row["encode_batch"]["tokens_per_s"]
             rows.append(row)
-            print(f"{row['size_mb']:>7} MB: prepare_data {row['prepare_data']['mb_per_s_per_core']:.2f} MB/s/core, "
-                  f"{row['prepare_data']['tokens_per_s'] / 1e6:.2f} M tok/s, peak {ours['peak_rss_mb']:.0f} MB | "
-                  f"encode_batch {row['encode_batch']['tokens_per_s'] / 1e6:.2f} M tok/s, peak "
-                  f"{peer['peak_rss_mb']:.0f} MB | ratio {row['throughput_ratio']:.2f}", flush=True)
+            print(
+                f"{row['size_mb']:>7} MB: prepare_data {row['prepare_data']['mb_per_s_per_core']:.2f} MB/s/core, "
+                f"{row['prepare_data']['tokens_per_s'] / 1e6:.2f} M tok/s, peak {ours['peak_rss_mb']:.0f} MB | "
+                f"encode_batch {row['encode_batch']['tokens_per_s'] / 1e6:.2f} M tok/s, peak "
+                f"{peer['peak_rss_mb']:.0f} MB | ratio {row['throughput_ratio']:.2f}",
+                flush=True,
+            )
             corpus.unlink()
     small, large = rows[0], rows[-1]
     summary = {
-        "peak_rss_ratio_largest_to_smallest": large["prepare_data"]["peak_rss_mb"] / small["prepare_data"]["peak_rss_mb"],
+        "peak_rss_ratio_largest_to_smallest": (
+            large["prepare_data"]["peak_rss_mb"] / small["prepare_data"]["peak_rss_mb"]
+        ),
         "peak_rss_mb_max": max(r["prepare_data"]["peak_rss_mb"] for r in rows),
         "throughput_ratio_min": min(r["throughput_ratio"] for r in rows),
         "targets": {"peak_rss_ratio": "<= 1.1", "peak_rss_mb": "<= 1536", "throughput_ratio": ">= 0.8"},

@@ -199,7 +199,10 @@ def _build(cfg: DataConfig, tmp: Path, key_source: dict) -> None:
         raise DataError(f"data.val_fraction: {cfg.val_fraction} of {counts['train']} documents held out none; "
                         f"raise it (or name data.val_docs)")  # fmt: skip
     tok_file = tmp / "tokenizer.json"
-    files["tokenizer.json"] = {"bytes": tok_file.stat().st_size, "sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest()}
+    files["tokenizer.json"] = {
+        "bytes": tok_file.stat().st_size,
+        "sha256": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
+    }
     meta = {"version": PREP_VERSION, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
             "bos_id": tokenizer.bos_id, "dtype": token_dtype(tokenizer.vocab_size).name,
             "train_tokens": files["train.npy"]["tokens"], "val_tokens": files["val.npy"]["tokens"],
@@ -242,7 +245,8 @@ def _tokenize_into(docs, tokenizer, held_out, writers: dict[str, TokenWriter], p
             copies = [1 if val else repeats(batch[i]) for i in chosen]
             writers[split].write(_pack([ids[i] for i in chosen], copies, tokenizer.bos_id, tokenizer.eos_id))
             counts[split] += len(chosen)
-        counts["val_names"] += [d.name for d, s in zip(batch, sides, strict=True) if s][: 100 - len(counts["val_names"])]
+        room = 100 - len(counts["val_names"])  # a sample of names for meta.json, not millions
+        counts["val_names"] += [d.name for d, s in zip(batch, sides, strict=True) if s][:room]
         progress.update(len(batch), sum(len(d.text) for d in batch), sum(a.size for a in ids))
 
     # one batch is tokenized (Rust threads, GIL released) while the next is read: the order stays fixed
@@ -270,8 +274,9 @@ class Progress:
 
     def line(self) -> str:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        return (f"data: {self.docs:,} documents, {self.chars / 1e6:,.1f} MB of text, {self.tokens:,} tokens "
-                f"({self.docs / dt:,.0f} docs/s, {self.chars / 1e6 / dt:,.1f} MB/s, {self.tokens / dt / 1e6:,.2f} M tok/s)")
+        mb_s, tok_s = self.chars / 1e6 / dt, self.tokens / dt / 1e6
+        rates = f"{self.docs / dt:,.0f} docs/s, {mb_s:,.1f} MB/s, {tok_s:,.2f} M tok/s"
+        return f"data: {self.docs:,} documents, {self.chars / 1e6:,.1f} MB of text, {self.tokens:,} tokens ({rates})"
 
     def update(self, docs: int, chars: int, tokens: int) -> None:
         self.docs, self.chars, self.tokens = self.docs + docs, self.chars + chars, self.tokens + tokens

@@ -197,8 +197,10 @@ def _load(src: SourceConfig, cfg: DataConfig, where: str, files: list[Path] | No
                                          streaming=cfg.streaming, cache_dir=cache)  # fmt: skip
         except Exception as e:  # offline, unknown name, gated: all end the same way for the user
             reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise DataError(f"{where}.hub: cannot load {src.hub!r} from the Hugging Face hub ({reason}); without "
-                            f"network, download it elsewhere and point {where}.path at the local files") from None
+            raise DataError(
+                f"{where}.hub: cannot load {src.hub!r} from the Hugging Face hub ({reason}); without "
+                f"network, download it elsewhere and point {where}.path at the local files"
+            ) from None
     fmt = FORMATS.get(suffix_of(files[0]))
     options = dict(fmt.options)
     if fmt.takes_encoding_errors:

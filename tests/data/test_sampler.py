@@ -3,7 +3,6 @@ another worker count, see the same samples."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from scalesparse.data import BatchSchedule, rank_slice

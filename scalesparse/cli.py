@@ -44,13 +44,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from scalesparse.report.html import write_report
-    from scalesparse.sweep import load_sweep, print_results, run_sweep
+    from scalesparse.sweep import load_sweep, print_results, run_sweep, warn_few_seeds
 
     sweep = load_sweep(args.sweep)  # every run's config validated before anything starts
     if args.dry_run:
         for r in sweep.runs:
             print(f"{r.run_id:<28} " + ", ".join(f"{k}={v}" for k, v in r.changes.items()) + f", seed={r.seed}")
         print(f"{len(sweep.runs)} runs → {sweep.out}")
+        warn_few_seeds(sweep)
         return 0
     results = run_sweep(sweep, address=args.address)
     print_results(results)

@@ -112,10 +112,12 @@ def load_sweep(path: str | Path) -> Sweep:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid.{key}: must be a non-empty list of values")
     points: dict[str, dict[str, Any]] = {}
+    origin: dict[str, str] = {}  # label → where the user wrote it, for error messages
     for combo in itertools.product(*grid.values()) if grid else []:
         changes = dict(zip(grid, combo, strict=True))
         label = str(combo[0]) if len(grid) == 1 else ",".join(f"{k.split('.')[-1]}={v}" for k, v in changes.items())
         points[label] = changes
+        origin[label] = "grid (" + ", ".join(f"{k}: {v}" for k, v in changes.items()) + ")"
     for label, changes in _mapping(spec.get("points"), "points").items():
         points[str(label)] = _mapping(changes, f"points.{label}")
     baselines = spec.get("baselines") or []
@@ -142,13 +144,18 @@ def load_sweep(path: str | Path) -> Sweep:
             run_id = f"{label}-seed{seed}"
             data.update(name=f"{name}-{run_id}", seed=seed, run_dir=str(out / "runs" / run_id))
             set_path(data, "logging.progress", False)
-            cfg = _validated(data, f"points.{label}")
+            cfg = _validated(data, origin.get(label, f"points.{label}"))
             check_difference(base_cfg, cfg, changes, label)
             runs.append(Run(label, seed, changes, cfg.to_dict()))
     max_concurrent = spec.get("max_concurrent")
     if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
         raise ConfigError(f"max_concurrent: {max_concurrent!r} is not allowed; must be an integer >= 1")
     return Sweep(name, out, base_cfg.to_dict(), points, seeds, runs, max_concurrent)
+
+
+def warn_few_seeds(sweep: Sweep) -> None:
+    if len(sweep.seeds) < MIN_SEEDS:
+        print(f"warning: {len(sweep.seeds)} seed(s); a fair comparison wants at least {MIN_SEEDS}", flush=True)
 
 
 def _validated(data: dict[str, Any], where: str) -> Config:
@@ -227,8 +234,7 @@ def run_sweep(sweep: Sweep, address: str | None = None) -> dict[str, Any]:
               + (", ".join(f"{k}={v}" for k, v in r.changes.items()) or "nothing") + f", seed={r.seed}")
     todo = [r for r in sweep.runs if not (r.run_dir / "summary.json").is_file()]
     print(f"{len(sweep.runs)} runs: {len(sweep.runs) - len(todo)} already done, {len(todo)} to run", flush=True)
-    if len(sweep.seeds) < MIN_SEEDS:
-        print(f"warning: {len(sweep.seeds)} seed(s); a fair comparison wants at least {MIN_SEEDS}", flush=True)
+    warn_few_seeds(sweep)
     # tokenize once, here: concurrent runs would otherwise race to build the same cache
     for data in {json.dumps(r.config["data"], sort_keys=True) for r in todo}:
         try:
@@ -329,12 +335,19 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"| {label} | failed | | | | | | | {p['position']} |")
             continue
         lines.append(
-            f"| {label} | {v['mean']:.3f} ± {v['std']:.3f} (n={v['n']}) | {ppl['mean']:.1f} ± {ppl['std']:.1f} | "
+            f"| {label} | {_show_mean_std(v, '.3f')} (n={v['n']}) | {_show_mean_std(ppl, '.1f')} | "
             f"{p['params'] / 1e6:.2f}M ({p['params_nonzero'] / 1e6:.2f}M) | {p['params_active'] / 1e6:.2f}M | "
-            f"{p['flops_per_token_train_sparse'] / 1e9:.4f} | {tps['mean']:,.0f} ± {tps['std']:,.0f} | "
+            f"{p['flops_per_token_train_sparse'] / 1e9:.4f} | {_show_mean_std(tps, ',.0f')} | "
             f"{mem['mean']:,.0f} | {p['position']} |"
         )
     return "\n".join(lines)
+
+
+def _show_mean_std(stat: dict[str, Any], fmt: str) -> str:
+    """`mean ± std`, or the mean alone from one seed (a std of one sample is not 0, it is unknown)."""
+    if stat["n"] < 2:
+        return format(stat["mean"], fmt)
+    return f"{format(stat['mean'], fmt)} ± {format(stat['std'], fmt)}"
 
 
 def print_results(results: dict[str, Any]) -> None:

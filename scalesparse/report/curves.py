@@ -48,9 +48,11 @@ def plot_expert_load(run_dir: Path) -> Path | None:
     load = np.array([r["expert_load"] for r in records])  # (logs, layers, experts)
     n_layers, n_experts = load.shape[1], load.shape[2]
     fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.2 + 1.3 * n_layers), dpi=110, squeeze=False, sharex=True)
+    # one column per log step; a single log step still gets a width (matplotlib warns on a zero-wide image)
+    left, right = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)
     for i, ax in enumerate(axes[:, 0]):
         im = ax.imshow(load[:, i, :].T, aspect="auto", cmap="viridis", vmin=0, vmax=max(2.0 / n_experts, load.max()),
-                       extent=(steps[0], steps[-1], n_experts - 0.5, -0.5), interpolation="nearest")  # fmt: skip
+                       extent=(left, right, n_experts - 0.5, -0.5), interpolation="nearest")  # fmt: skip
         ax.set_ylabel(f"layer {i}\nexpert")
     axes[-1, 0].set_xlabel("optimizer step")
     fig.colorbar(im, ax=axes[:, 0].tolist(), label=f"share of assignments (balanced = {1 / n_experts:.3f})")

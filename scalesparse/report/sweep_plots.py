@@ -20,7 +20,7 @@ def _plt():
 
 def _save(fig, out: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")  # long rotated layer names stay inside the picture
     _plt().close(fig)
     return out
 
@@ -67,6 +67,7 @@ def metric_vs_sparsity(results: dict[str, Any], out: Path, key: str, ylabel: str
             ax.errorbar([p["sparsity"]], [stat["mean"]], yerr=[stat["std"]], fmt="o", capsize=4,
                         label=f"{label} (n={stat['n']})")  # fmt: skip
     ax.set_xlabel("sparsity of the sparsified layers (0 = dense)")
+    ax.yaxis.set_major_formatter(_plt().FuncFormatter(lambda v, _: f"{v:,.6g}"))  # 11,420, not 1.142e+04
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

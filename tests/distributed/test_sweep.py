@@ -57,13 +57,42 @@ def test_runs_differ_from_the_base_only_in_their_own_keys(tmp_path, small_data):
 @pytest.mark.parametrize("spec, message", [
     ({"grids": {}}, "grids: unknown sweep key (did you mean 'grid'?)"),
     ({"grid": {"sparsity.method": "rigl"}}, "grid.sparsity.method: must be a non-empty list"),
-    ({"grid": {"sparsity.methd": ["rigl"]}}, "sparsity.methd: unknown key (did you mean 'method'?)"),
+    ({"grid": {"sparsity.methd": ["rigl"]}},  # named where the user wrote it, not as a point
+     "grid (sparsity.methd: rigl): sparsity.methd: unknown key (did you mean 'method'?)"),
     ({"baselines": ["tiny"]}, "baselines: 'tiny' is not one of dense, small_dense"),
     ({"grid": {"sparsity.method": ["rigl"]}, "seeds": 3}, "seeds: must be a non-empty list of integers"),
 ])  # fmt: skip
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, small_data, spec, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_sweep(write_sweep(tmp_path, small_data, **spec))
+
+
+def test_tables_show_a_spread_only_where_there_is_one():
+    from scalesparse.sweep import format_table
+
+    def point(values):
+        n = len(values)
+        stat = {"mean": sum(values) / n, "std": 0.0 if n == 1 else 0.01, "n": n}
+        return {"val_loss": stat, "val_ppl": stat, "tokens_per_s": {**stat, "mean": 11420.0}, "peak_mem_mb": stat,
+                "params": 1e6, "params_nonzero": 1e5, "params_active": 1e6, "flops_per_token_train_sparse": 1e7,
+                "position": "p"}  # fmt: skip
+
+    table = format_table({"points": {"one": point([4.8]), "three": point([4.8, 4.81, 4.79])}})
+    one, three = table.splitlines()[2:]
+    assert "±" not in one and "4.800 (n=1)" in one  # a std of one seed is unknown, not 0.000
+    assert "4.800 ± 0.010 (n=3)" in three and "11,420 ± 0" in three
+
+
+def test_expert_load_of_a_run_with_one_log_step_draws_without_warnings(tmp_path):
+    import json
+    import warnings
+
+    from scalesparse.report.curves import plot_expert_load
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 5, "expert_load": [[0.5, 0.5], [0.25, 0.75]]}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_expert_load(tmp_path).is_file()
 
 
 def find_chromium() -> str:

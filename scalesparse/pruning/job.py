@@ -55,6 +55,29 @@ def check_context(cfg: PruneConfig, model_config: dict, where: str) -> None:
                           f"--set eval.window={n} --set eval.stride={min(cfg.eval.stride, n // 2)}")  # fmt: skip
 
 
+def check_calibration_text(cfg: PruneConfig) -> None:
+    """The folder's tokenizer must turn the calibration text into enough tokens: said here, before
+    the model is loaded or any worker starts (a tokenizer that drops every character otherwise
+    surfaces as 'too little text' minutes later). Read with `tokenizers` alone (no torch in the
+    driver); a folder without tokenizer.json is checked where the model loads."""
+    file = Path(cfg.model).expanduser() / "tokenizer.json"
+    if not file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # a malformed file raises the library's own exception types
+        raise ConfigError(f"model: cannot read {file} ({str(e).splitlines()[0][:160]})") from None
+    n = len(tok.encode(_text(cfg, cfg.calibration.docs), add_special_tokens=False).ids)
+    if n == 0:
+        raise ConfigError(f"model: {file} turns the calibration text ({', '.join(cfg.calibration.docs)}) into no "
+                          f"tokens; is it the model's own tokenizer?")  # fmt: skip
+    if n < cfg.calibration.seq_len + 1:
+        raise ConfigError(f"calibration: {n} tokens in {list(cfg.calibration.docs)} is too few for "
+                          f"seq_len={cfg.calibration.seq_len}")  # fmt: skip
+
+
 def calibration_batches(ids: torch.Tensor, cfg: PruneConfig, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
     import torch
 
@@ -79,6 +102,8 @@ def run_prune(cfg: PruneConfig, progress: bool = True, address: str | None = Non
 
         launch.check_reachable(address)  # seconds, not minutes of retries
     _check_out(out)
+    if cfg.gguf_file is None:  # (a GGUF tokenizer takes ~40 s to load: checked where it loads)
+        check_calibration_text(cfg)
     if cfg.workers == 1:
         return _prune(cfg, progress)
 
@@ -158,13 +183,14 @@ def _markdown(r: dict) -> str:
     c, e = r["calibration"], r["eval"]
     ppl = (f"| perplexity | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} |" if r["ppl_before"] is not None
            else "| perplexity | (not evaluated) | |")  # fmt: skip
+    protocol = (f"Protocol: perplexity on {', '.join(e['docs'])} tokens [{e['offset']}, {e['offset'] + e['tokens']}), "
+                f"sliding windows of {e['window']} tokens with stride {e['stride']} (each token scored once). "
+                if e["tokens"] else "Perplexity not evaluated (eval.tokens = 0). ")  # fmt: skip
     lines = [
         f"# {r['method']} {r['pattern'] or 'unstructured'} at {r['sparsity']:.0%}: {r['model']}", "",
         "| | dense | pruned |", "|---|---|---|", ppl, "",
-        f"Protocol: perplexity on {', '.join(e['docs'])} tokens [{e['offset']}, {e['offset'] + e['tokens']}), "
-        f"sliding windows of {e['window']} tokens with stride {e['stride']} (each token scored once). Calibration: "
-        f"{c['samples']} windows of {c['seq_len']} tokens from {', '.join(c['docs'])}, seed {c['seed']}. "
-        f"Pruning took {r['prune_seconds']:.1f} s.", "",
+        f"{protocol}Calibration: {c['samples']} windows of {c['seq_len']} tokens from {', '.join(c['docs'])}, "
+        f"seed {c['seed']}. Pruning took {r['prune_seconds']:.1f} s.", "",
         "| layer | shape | sparsity | relative reconstruction error | seconds |", "|---|---|---|---|---|",
     ]  # fmt: skip
     lines += [f"| {x['name']} | {x['shape'][0]}×{x['shape'][1]} | {x['sparsity']:.4f} | "

@@ -96,3 +96,30 @@ def test_the_driver_checks_and_hands_over_without_importing_torch(exported, tmp_
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert "cannot reach 127.0.0.1:9" in r.stderr  # it got as far as the hand-over
     assert r.stdout.split() == ["2", "False", "False"]
+
+
+def test_a_tokenizer_that_yields_no_tokens_is_named_before_the_model_loads(exported, small_data, tmp_path, capsys):
+    """A BPE without an unknown token drops every character it lacks: no calibration tokens at all."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path / "model"
+    shutil.copytree(exported, folder)
+    tok = Tokenizer(models.BPE(vocab={"§": 0}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the check comes first
+    assert main(["prune", *data_args(small_data), "--model", str(folder), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "turns the calibration text (" in err and "into no tokens" in err, err
+
+
+def test_the_report_of_a_run_without_evaluation_states_no_protocol():
+    from scalesparse.pruning.job import _markdown
+
+    r = {"method": "wanda", "pattern": None, "sparsity": 0.5, "model": "m", "ppl_before": None, "ppl_after": None,
+         "prune_seconds": 1.0, "layers": [], "eval": {"docs": ["hamlet"], "offset": 0, "tokens": 0, "window": 512,
+         "stride": 256}, "calibration": {"samples": 4, "seq_len": 32, "docs": ["tempest"], "seed": 0}}  # fmt: skip
+    text = _markdown(r)
+    assert "Perplexity not evaluated (eval.tokens = 0)" in text and "sliding windows" not in text

@@ -50,6 +50,7 @@ gpu-test: $(STAMP)
 # (docs/gpu-session.md). CI runs it, so the one GPU run cannot rot unseen.
 gpu-rehearsal: $(STAMP)
 	PY=$(PY) scripts/gpu_prepare.sh
+	rm -rf out/gpu-rehearsal
 	REHEARSE=1 OUT=out/gpu-rehearsal scripts/gpu_session.sh
 
 # MegaBlocks built against the torch in .venv (any CUDA build; patched for CUDA 13): see the README.
@@ -63,4 +64,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check scalesparse tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .venv-gpu-rehearsal out/gpu-rehearsal

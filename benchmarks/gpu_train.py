@@ -10,7 +10,8 @@ Shapes: (a) d_model 1024, 12 layers, 16 heads, seq 1024, vocab 8192 (~160M); (b)
 24 layers, 16 heads, seq 2048 (~350M). On shape (a) also RigL at 90% with ΔT=100 against dense, and
 MoE (E=8, top-2, expert d_ff half the dense MLP's: equal active parameters) with each backend.
 MFU = tokens/s × training FLOPs per token / the GPU's peak dense bf16 FLOP/s (--peak-tflops; 989 for
-H100/H200 SXM). Tokens are synthetic (uniform ids): speed does not depend on them.
+H100/H200 SXM). Tokens are synthetic (uniform ids): speed does not depend on them. Each project case
+ends with the trainer's final checkpoint (after its timed window: it costs wall time, not tokens/s).
 
 Cases run in priority order (PRIORITY: the project against the lean compiled loop on shape a first,
 then RigL and MoE, then shape b), each in a clean state (engines and compiled graphs dropped, peak
@@ -20,7 +21,7 @@ whose expected time (the last case's, scaled by steps) no longer fits is recorde
 tokens/s of a project run is total tokens over total time after the warm-up steps, mask updates and
 all (RigL's cost is in those steps; a median of intervals would drop them).
 
-    python benchmarks/gpu_train.py [--shapes a b] [--cases ...] [--budget-s S] [--append] [--out FILE]
+    python benchmarks/gpu_train.py [--shapes a b] [--cases ...] [--budget-s S] [--append] [--note T] [--out FILE]
     python benchmarks/gpu_train.py --smoke     # tiny shapes on the CPU: checks the plumbing only
 """
 
@@ -180,8 +181,10 @@ def cases_for(shape_name: str, shape: dict, cuda: bool) -> dict[str, dict]:
         "lean eager": {"kind": "lean", "compile": False},
     }
     if shape_name in ("a", "smoke"):
-        out["project rigl 90% dT=100"] = {"kind": "project", "extra": {"sparsity": {
-            "method": "rigl", "sparsity": 0.9, "update_interval": 100 if cuda else 10}}}  # fmt: skip
+        # updates at every ΔT to the end (stop_fraction 1), and the run a whole number of ΔT past the
+        # warm-up, so the timed window holds its fair share of mask updates
+        rigl = {"method": "rigl", "sparsity": 0.9, "update_interval": 100 if cuda else 10, "stop_fraction": 1.0}
+        out["project rigl 90% dT=100"] = {"kind": "project", "extra": {"sparsity": rigl}}
         hidden = config_hidden(shape)
         for backend in ("grouped", "megablocks", "loop") if cuda else ("grouped", "loop"):
             moe = {"num_experts": 8, "top_k": 2, "d_ff": hidden // 2, "backend": backend}
@@ -227,6 +230,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak")
     ap.add_argument("--budget-s", type=float, help="seconds for all cases: one that no longer fits is not run")
     ap.add_argument("--append", action="store_true", help="add to --out's results instead of starting afresh")
+    ap.add_argument("--note", help="recorded in the JSON (e.g. what else the machine was doing)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the plumbing")
     ap.add_argument("--out", help="default benchmarks/results/gpu_train.json (smoke: a temporary file)")
     args = ap.parse_args()
@@ -249,6 +253,8 @@ def main() -> None:
         "results": {},
     }  # fmt: skip
     results: dict[str, dict] = out["results"]
+    if args.note:
+        out.setdefault("notes", []).append(args.note)
 
     def write() -> None:  # after every case: a run cut short by a time limit keeps what it measured
         for entry in results.values():
@@ -256,18 +262,20 @@ def main() -> None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(out, indent=1))
 
-    last_s_per_step = None  # seconds per step of the last case (compile included): the next one's estimate
+    last: dict[str, float] | None = None  # the last case's fixed and per-step seconds: the next one's estimate
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_data(Path(tmp) / "data", VOCAB, 4_000_000 if cuda else 200_000)
         for name, label, case in planned(shapes, cuda, args.cases):
             shape = SHAPES[name]
             row = results.setdefault(name, {"shape": shape, "cases": {}})["cases"]
             rigl = "rigl" in label
-            steps = args.steps or ((250 if cuda else 40) if rigl else (60 if cuda else 20))
+            # RigL: ΔT=100 from step 20 → updates at 100 and 200 inside the timed steps 20..220
+            steps = args.steps or ((220 if cuda else 40) if rigl else (60 if cuda else 20))
             warmup = 20 if cuda else 5
-            if args.budget_s and last_s_per_step is not None:
+            if args.budget_s and last is not None:
                 left = args.budget_s - (time.monotonic() - t_start)
-                expected = last_s_per_step * steps * (2 if name == "b" else 1)  # shape b: ~2x the work a step
+                scale = 2 if name == "b" else 1  # shape b: ~2x the work a step (and to compile)
+                expected = scale * (last["overhead_s"] + last["s_per_step"] * steps)
                 if expected > left:
                     row[label] = {"not_run": f"the budget: ~{expected:.0f} s expected, {left:.0f} s left"}
                     print(f"[{name}] {label:<28} not run: {row[label]['not_run']}", flush=True)
@@ -284,9 +292,13 @@ def main() -> None:
                 print(f"[{name}] {label:<28} failed: {row[label]['error']}", flush=True)
                 write()
                 continue
-            last_s_per_step = (time.monotonic() - t_case) / steps / (2 if name == "b" else 1)
+            wall = time.monotonic() - t_case
+            s_per_step = GA * shape["micro"] * shape["seq_len"] / r["tokens_per_s"]
+            scale = 2 if name == "b" else 1
+            # the next case's estimate: fixed cost (start, compilation, checkpoint) + its steps at this pace
+            last = {"overhead_s": max(0.0, wall - steps * s_per_step) / scale, "s_per_step": s_per_step / scale}
             fpt = flops_per_token(shape, case.get("extra", {}))
-            r |= {"steps": steps, "wall_s": time.monotonic() - t_case, "train_flops_per_token": fpt,
+            r |= {"steps": steps, "wall_s": wall, "train_flops_per_token": fpt,
                   "mfu": r["tokens_per_s"] * fpt / (args.peak_tflops * 1e12)}  # fmt: skip
             row[label] = r
             mem = f"{r['peak_mem_mb']:,.0f} MiB peak" if r["peak_mem_mb"] else ""

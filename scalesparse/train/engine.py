@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -50,6 +51,8 @@ def use_deterministic_kernels(on: bool) -> None:
     deterministic either way."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # shown once per op whatever else filters torch's warnings: it names what stays non-deterministic
+        warnings.filterwarnings("default", message=".*does not have a deterministic implementation.*")
     torch.use_deterministic_algorithms(on, warn_only=True)
     # set both ways: one process may run several configs (train/single.py)
     torch.backends.cuda.enable_flash_sdp(not on)

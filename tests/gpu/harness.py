@@ -5,6 +5,7 @@ scripts/gpu_session.sh with REHEARSE=1, runs the whole matrix on the CPU).
     python -m tests.gpu.harness matrix [--device cuda|cpu] [--only SUBSTR | --exclude SUBSTR]
                                        [--results FILE.jsonl] [--case-timeout S] [--budget-s S]
     python -m tests.gpu.harness --preflight    # = matrix --device cpu, with a one-line verdict per case
+    python -m tests.gpu.harness show FILE.jsonl   # the verdict per case of a results file (runs nothing)
 
 A case is {"device": "cuda" | "cpu", "overrides": {section: {key: value}}, "resume_at": step or null,
 "export": bool}. Its result: the per-step training losses, validation losses, the DST log (sparsity,
@@ -102,10 +103,13 @@ def exported_val_loss(checkpoint: Path, out: Path, data, seq_len: int, n_blocks:
 
 
 def run_case(case: dict, data, root: Path) -> dict[str, Any]:
+    import shutil
+
     from scalesparse.config import config_from_dict
     from scalesparse.train import checkpoint as ckpt
     from scalesparse.train.single import train_in_process
 
+    shutil.rmtree(root, ignore_errors=True)  # a run left here would be resumed, not trained
     device = device_of(case)
     cfg_dict = merged(base_config(device, root / "run", str(root / "cache")), case.get("overrides", {}))
     if device == "cuda":
@@ -188,7 +192,7 @@ def run_cases(cases: dict[str, dict], data, root: Path, results_file: Path | Non
               case_timeout: float = CASE_TIMEOUT_S, deadline: float | None = None,
               echo: bool = False) -> dict[str, Any]:  # fmt: skip
     """Run the cases that `results_file` (default root/results.jsonl) does not hold yet for their
-    device, in a fresh process (its own process group and CUDA context); their results, all of them.
+    device, in a fresh process (its own torch.distributed group and CUDA context); their results, all of them.
 
     A case running longer than `case_timeout` seconds is killed with its process and recorded as an
     error; the rest go on in a new process. Past `deadline` (time.monotonic()), the running case is
@@ -214,13 +218,21 @@ def run_cases(cases: dict[str, dict], data, root: Path, results_file: Path | Non
             return finished()
         spec_path.write_text(json.dumps({"data": data.to_dict(), "root": str(root), "results": str(results_file),
                                          "cases": {n: cases[n] for n in todo}}))  # fmt: skip
-        _run_child(spec_path, log_path, results_file, cases, todo, case_timeout, deadline, echo)
+        try:
+            _run_child(spec_path, log_path, results_file, cases, todo, case_timeout, deadline, echo)
+        except KeyboardInterrupt:  # the session's own limit (SIGINT): every case gets its line, then stop
+            for n in cases:
+                if n not in finished():
+                    error = "not run: interrupted (the step's time limit)"
+                    append_line(results_file, {"case": n, "result": {"device": device_of(cases[n]), "error": error}})
+            raise
 
 
 def _run_child(spec_path, log_path, results_file, cases, todo, case_timeout, deadline, echo) -> None:
     """One subprocess over `todo`, watched: the case it is on, and how long it has been on it."""
     with open(log_path, "ab") as log:
         log_start = log.tell()
+        # (an interrupt of the session reaches the child too: the whole process group gets SIGINT)
         proc = subprocess.Popen([sys.executable, "-m", "tests.gpu.harness", "child", str(spec_path)], cwd=REPO,
                                 env=child_env(), stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     current, since, seen, why = None, time.monotonic(), log_start, None
@@ -237,7 +249,12 @@ def _run_child(spec_path, log_path, results_file, cases, todo, case_timeout, dea
         seen = max(seen, end)
 
     while proc.poll() is None:
-        time.sleep(0.2)
+        try:
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            proc.kill()
+            proc.wait()
+            raise
         scan()
         now = time.monotonic()
         if current is not None and now - since > case_timeout:
@@ -255,9 +272,10 @@ def _run_child(spec_path, log_path, results_file, cases, todo, case_timeout, dea
         error = why or f"the harness process exited {proc.returncode} while running this case"
         append_line(results_file, {"case": current, "result": {"device": device_of(cases[current]),
                                                                "error": f"{error}\n{tail}"}})  # fmt: skip
-    elif current is None:  # died before its first case (an import, the data): none of them can run
+    elif current is None:  # died before its first case (an import, the data), or the budget ended first
         for n in todo:
-            error = f"the harness process exited {proc.returncode} before its first case:\n{tail}"
+            error = ("not run: the time budget ran out" if why else
+                     f"the harness process exited {proc.returncode} before its first case:\n{tail}")  # fmt: skip
             append_line(results_file, {"case": n, "result": {"device": device_of(cases[n]), "error": error}})
 
 
@@ -305,7 +323,11 @@ def matrix(args: argparse.Namespace) -> int:
     root = Path(args.root or tempfile.mkdtemp(prefix="scalesparse-gpu-cases-"))
     results_file = Path(args.results) if args.results else root / "results.jsonl"
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
-    results = run_cases(cases, prepared_test_data(), root, results_file, args.case_timeout, deadline, echo=True)
+    try:
+        results = run_cases(cases, prepared_test_data(), root, results_file, args.case_timeout, deadline, echo=True)
+    except KeyboardInterrupt:
+        print(f"harness: interrupted; every case has its line in {results_file} (those not run say so)")
+        return 130
     for name in names:
         print(summary_line(name, results[name]))
     bad = [n for n in names if "error" in results[n]]
@@ -313,10 +335,22 @@ def matrix(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def show(path: str) -> int:
+    """The verdict per case of a results file, as it is: nothing prepared, nothing run."""
+    results = read_results(Path(path))
+    for name, r in results.items():
+        print(summary_line(name, r))
+    bad = [n for n, r in results.items() if "error" in r]
+    print(f"{len(results) - len(bad)} of {len(results)} cases without an error")
+    return 1 if bad else 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["child"]:
         child_main(argv[1])
         return 0
+    if argv[:1] == ["show"] and len(argv) == 2:
+        return show(argv[1])
     if argv == ["--preflight"]:
         argv = ["matrix", "--device", "cpu"]
     ap = argparse.ArgumentParser(prog="python -m tests.gpu.harness", description=__doc__.splitlines()[0])

@@ -9,8 +9,16 @@ from scalesparse.train.engine import use_deterministic_kernels
 
 
 def test_deterministic_mode_trains_with_math_attention_and_back():
+    import warnings
+
     try:
-        use_deterministic_kernels(True)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch")  # as the worker loop does
+            use_deterministic_kernels(True)
+            warnings.warn_explicit("scatter_add_cuda_kernel does not have a deterministic implementation, but you "
+                                   "set 'torch.use_deterministic_algorithms(True, warn_only=True)'", UserWarning,
+                                   "graph.py", 1, module="torch.autograd.graph")  # fmt: skip
+        assert [str(w.message)[:22] for w in seen] == ["scatter_add_cuda_kerne"]  # not filtered away
         assert torch.are_deterministic_algorithms_enabled()
         assert not torch.backends.cuda.flash_sdp_enabled()  # its backward accumulates with atomics
         assert not torch.backends.cuda.mem_efficient_sdp_enabled()

@@ -76,7 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from scalesparse.config import load_prune_config
+    from scalesparse.config import PruneConfig, load_prune_config
     from scalesparse.pruning.job import run_prune
 
     short = {"model": args.model, "method": args.method, "sparsity": args.sparsity, "pattern": args.pattern,
@@ -85,6 +85,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.allow_pickle:
         overrides.append("allow_pickle=true")
     cfg = load_prune_config(args.config, overrides)
+    if cfg.out == PruneConfig().out and args.out is None and not any(o.startswith("out=") for o in overrides):
+        print(f"prune: no --out given: the pruned model and its report go to ./{cfg.out}", flush=True)
     r = run_prune(cfg, address=args.address)
     ppl = (f"perplexity {r['ppl_before']:.2f} → {r['ppl_after']:.2f}" if r["ppl_before"] is not None
            else "no evaluation")  # fmt: skip
@@ -124,8 +126,9 @@ def _prune_epilog() -> str:
             "skip the evaluation."),
         "how long it takes": (
             "SmolLM2-135M with these defaults on a 2-core CPU: about 30 s (magnitude) to 40 s (SparseGPT) of pruning, "
-            "plus about 10 s of loading, evaluation and saving. The time grows with parameters x calibration tokens; "
-            "--workers N splits the calibration and the solves over N Ray workers."),
+            "plus about 30 s of loading, evaluation (perplexity before and after) and saving; --set eval.tokens=0 "
+            "skips the evaluation. The time grows with parameters x calibration tokens; --workers N splits the "
+            "calibration and the solves over N Ray workers."),
         "output": "the pruned model (save_pretrained, safetensors) and report.json / report.md in --out.",
     }  # fmt: skip
     text = "".join(f"{title}:\n{textwrap.fill(body, 100, initial_indent='  ', subsequent_indent='  ')}\n\n"
@@ -134,10 +137,20 @@ def _prune_epilog() -> str:
                    "--method sparsegpt --sparsity 0.5 --out pruned/smollm2-sparsegpt\n")
 
 
+class _DebugAnywhere(argparse.ArgumentParser):
+    """Every subcommand also takes --debug (`scalesparse train x.yaml --debug` as well as
+    `scalesparse --debug train x.yaml`): SUPPRESS keeps the top-level value when it is not given."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if kwargs.get("prog", "").count(" ") >= 1:  # a subcommand's parser
+            self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scalesparse", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_DebugAnywhere)
 
     p = sub.add_parser("train", help="train a model from a YAML config on Ray + DeepSpeed workers")
     _add_config_args(p)

@@ -798,6 +798,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))
+        more = ", …" if len(found) > 4 else ""
+        hint = f", e.g. {path / found[0]} (it has {', '.join(found[:4])}{more})" if found else ""
+        raise ConfigError(f"{path}: is a folder; name a YAML config file{hint}")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -198,3 +198,15 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_there_are_at_least_twenty_cases_over_every_command():
     assert len(CASES) >= 20
     assert {case.split(":")[0] for case in CASES} == {"train", "submit", "export", "prune", "config show"}
+
+
+def test_debug_works_after_the_subcommand_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {lrr: 1}\n")
+    from scalesparse.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lrr"):
+        cli.main(["train", str(path), "--debug"])
+    with pytest.raises(ConfigError, match="is a folder; name a YAML config file"):
+        cli.main(["config", "show", str(tmp_path), "--debug"])
+    assert cli.main(["config", "show", str(tmp_path)]) == 2  # without --debug: the one-line error

@@ -34,6 +34,10 @@ CONNECT_TIMEOUT_S = 5.0
 _EMBEDDED = False  # this process started its own local Ray (rather than joining one)
 
 
+class WorkersFailed(ScalesparseError):
+    """The workers ran and failed (as opposed to a refusal before any worker started)."""
+
+
 def check_reachable(address: str | None, flag: str = "--address", timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Fail in seconds, naming the address, when nothing listens there.
 
@@ -67,17 +71,20 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     # until shutdown, when the run's Console no longer keeps routine notices off the terminal: let
     # those through at once. (Read when Ray is first imported.)
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", f"__ray_testing_never_deduplicate__|{ROUTINE_PATTERN}")
-    if not address:
+    loopback = not address or _loopback_address(address)
+    if loopback:
         # On Linux Ray swaps a loopback node address (even an explicit _node_ip_address) for the
         # routable one so that other machines can join, and then every Ray process listens there or on
-        # all interfaces; a local embedded Ray serves this machine only, so keep it on 127.0.0.1. Read
-        # when Ray is first imported (hence before the import) by this process and by the ones it starts.
+        # all interfaces; a local embedded Ray serves this machine only, so keep it on 127.0.0.1. So
+        # does a driver joining a cluster at 127.0.0.1 (else it looks for the head at the routable
+        # address, where nothing listens, and waits). Read when Ray is first imported (hence before
+        # the import) by this process and by the ones it starts.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
         return
-    if not address and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+    if loopback and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False  # Ray was imported before the line above could count
@@ -102,6 +109,10 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     # which inherit the variable, and to no one else (the test session's later drivers, say).
     with _environment(RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}"):
         ray.init(
+            # "local": a new Ray of our own, always. Without an address ray.init joins the cluster that
+            # Ray's temp folder names (ray_current_cluster: the last `ray start` on this machine, running
+            # or long dead) and then refuses num_cpus with a traceback.
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
@@ -112,6 +123,12 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
         )
     global _EMBEDDED
     _EMBEDDED = True  # this process started it: see runs_locally
+
+
+def _loopback_address(address: str) -> bool:
+    """Does `address` (HOST:PORT, ray://HOST:PORT, http://...) name this machine's loopback?"""
+    host = urlsplit(address if "://" in address else f"//{address}").hostname
+    return bool(host) and _is_loopback(host)
 
 
 def _free_loopback_port(preferred: int = 0) -> int:
@@ -353,7 +370,7 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
             )
             trainer.fit()
     except TrainingFailedError as e:
-        raise ScalesparseError(f"{name} failed on the workers: {_root_cause(e)}") from e
+        raise WorkersFailed(f"{name} failed on the workers: {_root_cause(e)}") from e
     finally:
         if saved_timeout is None:
             os.environ.pop(timeout_var, None)

@@ -201,6 +201,8 @@ ROUTINE = [
     r"deepspeed_shm_comm_op built successfully",
     r"Setting ds_accelerator to \w+",
     r"Setting accelerator to CPU",
+    # Ray Train's placement-group cleaner, each second while the State API does not answer it
+    r"Failed to query Ray Train Controller actor state",
 ]
 ROUTINE_PATTERN = "|".join(f"(?:{p})" for p in ROUTINE)
 _ROUTINE = re.compile(ROUTINE_PATTERN)
@@ -208,6 +210,34 @@ _ROUTINE = re.compile(ROUTINE_PATTERN)
 
 def routine(line: str) -> bool:
     return _ROUTINE.search(line) is not None
+
+
+# A line Ray forwards from one of its processes: "(RayTrainWorker pid=123, ip=...) text", maybe colored
+_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:[^()]*\s)?pid=\d+[^()]*\)")
+REPEAT_WINDOW_S = 5.0
+
+
+class _Repeats:
+    """Forwarded lines seen in the last REPEAT_WINDOW_S seconds. Two Ray nodes started on one machine
+    share one log folder, and each node's log monitor forwards every line of it: the driver receives
+    each worker line twice (same process, same text). A process that really prints the same line
+    twice within seconds loses the second copy; Ray's own deduplication already does more."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+
+    def repeated(self, text: str) -> bool:
+        if not _FORWARDED.match(text):
+            return False
+        now = time.monotonic()
+        if len(self.seen) > 1000:
+            self.seen = {k: t for k, t in self.seen.items() if now - t < REPEAT_WINDOW_S}
+        last = self.seen.get(text)
+        if last is not None and now - last < REPEAT_WINDOW_S:
+            del self.seen[text]  # the copy: a third identical line counts as new
+            return True
+        self.seen[text] = now
+        return False
 
 
 class Console:
@@ -224,6 +254,7 @@ class Console:
         self.terminal: TextIO = sys.stdout
         self._saved: tuple[TextIO, TextIO] | None = None
         self._log: TextIO | None = None
+        self._repeats = _Repeats()
 
     def __enter__(self) -> Console:
         self._saved = (sys.stdout, sys.stderr)
@@ -248,6 +279,8 @@ class Console:
     def emit(self, text: str, real: TextIO) -> None:
         """One whole line (with its newline) from `real`'s writers."""
         with self.lock:
+            if self._repeats.repeated(text):
+                return
             if self._log is not None:
                 self._log.write(text)
             if routine(text):

@@ -214,8 +214,19 @@ class SparsityConfig:
     """No mask updates before this step (gmp: pruning starts here)."""
     stop_fraction: float = 0.75
     """No mask updates after this fraction of train.steps (gmp: final sparsity reached here)."""
+    mask_from: Literal["method", "weights"] = "method"
+    """Where the first mask comes from. method: the method's own choice at `sparsity` (random for static,
+    set and rigl). weights: exactly the nonzero entries of the starting weights (model.from_pretrained or
+    train.init_from, e.g. a `scalesparse prune` output), so a pruned model keeps its zeros; `sparsity` and
+    `distribution` are then not used. For static (held for the run), set and rigl (evolved from it);
+    granularity unstructured, or nm to check that the zeros are N:M."""
 
     def _checks(self) -> Iterator[Problem]:
+        if self.mask_from == "weights":
+            if self.method not in ("static", "set", "rigl"):
+                yield "mask_from", f"it needs sparsity.method static, set or rigl (not {self.method})"
+            if self.granularity == "block":
+                yield "mask_from", "it keeps unstructured or N:M zeros (granularity unstructured or nm), not blocks"
         yield from _in_unit(self, "sparsity")
         yield from _positive(self, "update_interval")
         yield from _in_unit(self, "drop_fraction", closed_low=False, closed_high=True)
@@ -416,10 +427,13 @@ class FaultToleranceConfig:
     max_failures: int = 0
     """Worker-group restarts allowed (Ray Train FailureConfig); a restart resumes from the latest checkpoint."""
     elastic: bool = False
-    """When a lost worker group cannot be restarted at full size within restart_timeout_s (a node is
-    gone), continue on the workers the cluster still has, from the latest complete checkpoint."""
+    """When the worker group fails (after any max_failures restarts), continue from the latest complete
+    checkpoint: on the workers the cluster still holds when a node is gone (a crashed node is watched
+    for up to restart_timeout_s until the cluster declares it dead), else once more at full size.
+    Works with max_failures 0; needs checkpoints to continue from (checkpoint.every > 0)."""
     restart_timeout_s: float = 60.0
-    """With elastic: how long a restart waits for its workers' resources before it shrinks."""
+    """With elastic: how long the driver watches the cluster for a lost node after a failure, and how
+    long a restart waits for its workers' resources before it shrinks."""
 
     def _checks(self) -> Iterator[Problem]:
         yield from _non_negative(self, "max_failures")

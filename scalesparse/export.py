@@ -84,9 +84,28 @@ def export_checkpoint(spec: str | Path, out: Path) -> Path:
     cfg = config_from_dict(state["config"])
     tokenizer = folder / "tokenizer.json"
     vocab = cfg.model.vocab_size or state["vocab_size"]  # a pretrained embedding may outnumber the tokenizer
-    return write_model(consolidate(folder), cfg.model, vocab, out,
-                       tokenizer if tokenizer.is_file() else None,
-                       info={"step": state["step"], "source": str(folder)}, moe=cfg.moe)  # fmt: skip
+    weights = consolidate(folder)
+    info = {"step": state["step"], "source": str(folder)}
+    if cfg.sparsity.method != "none":  # what the export holds, layer by layer (the masks' zeros, exactly)
+        info["sparsity"] = layer_sparsity(weights, cfg.sparsity.include, cfg.sparsity.exclude)
+    return write_model(weights, cfg.model, vocab, out, tokenizer if tokenizer.is_file() else None,
+                       info=info, moe=cfg.moe)  # fmt: skip
+
+
+def layer_sparsity(weights: dict[str, torch.Tensor], include, exclude) -> dict:
+    """Exact zeros of the weights of the layers sparsity masks (module-name globs, as in training):
+    the fraction per layer and over all of them together."""
+    import fnmatch
+
+    layers = {name.removesuffix(".weight"): w for name, w in weights.items() if name.endswith(".weight")}
+    def masked(n: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for p in include) and not any(fnmatch.fnmatchcase(n, p) for p in exclude)
+
+    chosen = {n: w for n, w in sorted(layers.items()) if masked(n)}
+    zeros = {n: int((w == 0).sum()) for n, w in chosen.items()}
+    total = sum(w.numel() for w in chosen.values())
+    return {"global": sum(zeros.values()) / max(1, total),
+            "layers": {n: zeros[n] / w.numel() for n, w in chosen.items()}}  # fmt: skip
 
 
 def write_model(weights: dict[str, torch.Tensor], model_cfg: ModelConfig, vocab: int, out: Path,

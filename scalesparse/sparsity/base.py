@@ -23,6 +23,7 @@ import torch
 
 from scalesparse import comm
 from scalesparse.config import SparsityConfig
+from scalesparse.errors import ConfigError
 from scalesparse.registry import Registry
 from scalesparse.sparsity.distribution import keep_counts
 from scalesparse.sparsity.masks import block_mask, block_scores, nm_mask, topk_mask
@@ -86,7 +87,12 @@ class Sparsifier:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def init_masks(self, views: list[LayerView]) -> None:
-        """Default: random masks with the distribution's exact per-layer counts (static/SET/RigL)."""
+        """Default: random masks with the distribution's exact per-layer counts (static/SET/RigL), or
+        the starting weights' nonzeros (sparsity.mask_from: weights)."""
+        if self.cfg.mask_from == "weights":
+            self.masks = self.masks_from_weights(views)
+            self._after_masks_changed(views)
+            return
         for name, shape in self.shapes.items():
             scores = torch.rand(shape, generator=derived_generator(self.seed, -1, name))
             self.masks[name] = self._mask_from_scores(name, scores)
@@ -110,7 +116,10 @@ class Sparsifier:
 
     def mean_sparsity(self) -> float:
         """Sparsity of the masked weights averaged over the run's steps (what its training FLOPs
-        follow). Methods that hold the target from the first step: the target."""
+        follow). Methods that hold the target from the first step: the target (masks from weights:
+        theirs, once they exist)."""
+        if self.cfg.mask_from == "weights" and self.masks:
+            return self.sparsity_report()["global"]
         return self.cfg.sparsity
 
     def should_update(self, step: int) -> bool:
@@ -144,6 +153,26 @@ class Sparsifier:
         # N:M groups and blocks straddle slice boundaries: these decisions need each layer's whole scores
         whole = comm.assemble(scores, [v.start for v in views], [v.shape[0] * v.shape[1] for v in views], self.wire)
         return {v.name: self._mask_from_scores(v.name, w.view(v.shape)) for v, w in zip(views, whole)}
+
+    def masks_from_weights(self, views: list[LayerView]) -> dict[str, torch.Tensor]:
+        """Full-shape masks of exactly the nonzero weights, each entry decided by the rank that owns it
+        (`comm.assemble`): identical on every rank whether it holds a slice or a replica. One byte per
+        weight on the wire, once. Refuses weights without a zero, and N:M masks the zeros break."""
+        views = sorted(views, key=lambda v: v.name)
+        nonzero = [(v.weight != 0).to(torch.uint8) for v in views]
+        whole = comm.assemble(nonzero, [v.start for v in views], [v.shape[0] * v.shape[1] for v in views], self.wire)
+        masks = {v.name: w.view(v.shape).bool() for v, w in zip(views, whole)}
+        if all(bool(m.all()) for m in masks.values()):
+            raise ConfigError("sparsity.mask_from: weights, but the masked layers have no zero weight (a dense "
+                              "model?): prune it first (scalesparse prune), or use mask_from: method")  # fmt: skip
+        if self.cfg.granularity == "nm":
+            n, m = self.cfg.n, self.cfg.m
+            for name, mask in masks.items():
+                out_f, in_f = mask.shape
+                if in_f % m or int(mask.view(out_f, in_f // m, m).sum(-1).max()) > n:
+                    raise ConfigError(f"sparsity.mask_from: weights with granularity nm: the zeros of {name} are "
+                                      f"not {n}:{m} (a group of {m} inputs holds more than {n} nonzeros)")  # fmt: skip
+        return masks
 
     def _place(self, views: list[LayerView]) -> None:
         """Move the masks to the views' device if they are elsewhere (once: then they stay)."""

@@ -144,3 +144,22 @@ def test_masks_from_weights_are_the_nonzeros_and_refuse_what_does_not_fit():
 def test_mask_from_config_refused(sparsity, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict({"sparsity": sparsity})
+
+
+def test_mask_from_weights_refused_before_workers(tmp_path):
+    from scalesparse.model.pretrained import check_mask_source
+    from tests.model.test_families import save_hf
+
+    sparsity = {"method": "static", "mask_from": "weights"}
+    with pytest.raises(ConfigError, match="needs starting weights: set model.from_pretrained"):
+        check_mask_source(config_from_dict({"sparsity": sparsity}))
+    save_hf("llama", tmp_path / "dense")
+    cfg = resolve_pretrained(config_from_dict({"model": {"from_pretrained": str(tmp_path / "dense"), "seq_len": 32},
+                                               "sparsity": sparsity}))  # fmt: skip
+    with pytest.raises(ConfigError, match="has a zero weight .*a dense model") as e:
+        check_mask_source(cfg)
+    assert "\n" not in str(e.value)
+    pruned_llama(tmp_path / "pruned", "2:4")
+    check_mask_source(
+        dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, from_pretrained=str(tmp_path / "pruned")))
+    )

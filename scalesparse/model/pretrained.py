@@ -172,3 +172,37 @@ def load_pretrained(model: torch.nn.Module, folder: str | Path) -> None:
             raise CheckpointError(f"{where_of(folder)}: {hf_names[0]} gives shape {list(t.shape)}, "
                                   f"the model's {name} is {list(p.shape)}")  # fmt: skip
         p.copy_(t)
+
+
+def check_mask_source(cfg: Config) -> None:
+    """sparsity.mask_from: weights needs starting weights, and from a pretrained folder, weights with
+    zeros (read one masked tensor at a time): refused in one line before data or workers."""
+    if cfg.sparsity.mask_from != "weights":
+        return
+    if not (cfg.model.from_pretrained or cfg.train.init_from):
+        raise ConfigError("sparsity.mask_from: weights needs starting weights: set model.from_pretrained (a pruned "
+                          "transformers folder) or train.init_from")  # fmt: skip
+    if not cfg.model.from_pretrained:
+        return  # an init_from export: the workers check its zeros when they make the masks
+    import fnmatch
+
+    from scalesparse.model.gpt import GPT
+
+    folder = Path(cfg.model.from_pretrained)
+    family, files = family_of(read_hf_config(folder), where_of(folder)), SafetensorsFiles(folder)
+    with torch.device("meta"):
+        model = GPT(cfg.model, cfg.model.vocab_size, cfg.moe)
+    sp = cfg.sparsity
+    for name, p in model.named_parameters():
+        layer = name.removesuffix(".weight")
+        if not (any(fnmatch.fnmatchcase(layer, g) for g in sp.include)
+                and not any(fnmatch.fnmatchcase(layer, g) for g in sp.exclude)):  # fmt: skip
+            continue
+        hf_names = family.hf_names(name, tuple(p.shape))
+        if hf_names and all(n in files.shard_of for n in hf_names):
+            if bool((family.from_hf(name, [files.get(n) for n in hf_names]) == 0).any()):
+                return
+    raise ConfigError(
+        f"sparsity.mask_from: weights, but no layer sparsity.include names has a zero weight in "
+        f"{folder} (a dense model?): prune it first (scalesparse prune) or use mask_from: method"
+    )

@@ -252,6 +252,10 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
         from scalesparse.model.pretrained import resolve_pretrained
 
         cfg = resolve_pretrained(cfg)
+    if cfg.sparsity.mask_from == "weights":  # starting weights with zeros, before data and workers
+        from scalesparse.model.pretrained import check_mask_source
+
+        check_mask_source(cfg)
     data: PreparedData = prepare_data(cfg.data, cfg.model.vocab_size)  # the embedding must hold every token id
     start = resolve_resume(cfg, resume, run_dir, data.vocab_size)
     if cfg.train.init_from and start is None:

@@ -70,7 +70,12 @@ def transformers_family(m: ModelConfig) -> tuple[Family | None, dict | None]:
     source = Path(m.from_pretrained) / "config.json" if m.from_pretrained else None
     if source is not None and source.is_file():
         original = json.loads(source.read_text())
-        return family_named(original["model_type"]), original
+        family = family_named(original["model_type"])
+        if m.mlp == "moe" and family.moe_fields(original) is None:  # upcycled: the dense family has no experts
+            if family.model_type in ("llama", "mistral"):  # Mixtral is Mistral's attention with experts
+                return family_named("mixtral"), original
+            return None, None  # (Qwen2's MoE has shared experts): scalesparse's own format
+        return family, original
     if m.from_pretrained:  # the folder has gone: the family follows from what the model has
         kind = "mixtral" if m.mlp == "moe" else "qwen2" if m.qkv_bias else "mistral" if m.sliding_window else "llama"
         return family_named(kind), None

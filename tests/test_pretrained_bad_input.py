@@ -101,8 +101,10 @@ def test_with_init_from(llama_dir, tmp_path):
     refused("model.from_pretrained and train.init_from both", llama_dir, train={"init_from": str(tmp_path)})
 
 
-def test_upcycling_not_yet(llama_dir):
-    refused("model.mlp: moe on the dense llama model", llama_dir, {"mlp": "moe"})
+def test_moe_on_a_dense_model_upcycles(llama_dir):
+    cfg = resolve(llama_dir, {"mlp": "moe"})  # no longer refused: tests/test_pretrained_upcycle.py
+    assert cfg.model.mlp == "moe" and cfg.model.d_ff == 96
+    refused("moe.renormalize: false while upcycling", llama_dir, {"mlp": "moe"}, moe={"renormalize": False})
 
 
 def test_tokenizer_comes_from_the_folder(llama_dir, tmp_path):

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from scalesparse.config import Config, DataConfig, ModelConfig, MoEConfig, config_from_dict
 from scalesparse.errors import CheckpointError, ConfigError
 from scalesparse.model.families import Family, family_named, supported
+from scalesparse.model.families.upcycle import Upcycled
 
 INDEX = "model.safetensors.index.json"
 # Shape-defining fields: the folder sets them; a user's different value is refused, never silently used
@@ -111,9 +112,10 @@ def resolve_pretrained(cfg: Config, tokenizer_vocab: int | None = None) -> Confi
     hf = read_hf_config(folder)
     family = family_of(hf, where)
     fields = family.model_fields(hf, where)
-    if fields["mlp"] == "dense" and m.mlp == "moe":
-        raise ConfigError(f"model.mlp: moe on the dense {family.model_type} model in {folder} "
-                          f"(upcycling a dense model into experts is not supported yet)")  # fmt: skip
+    upcycle = fields["mlp"] == "dense" and m.mlp == "moe"
+    if upcycle:  # sparse upcycling: every MLP becomes moe.num_experts copies of itself
+        check_upcycling(cfg, fields, where)
+        fields["mlp"] = "moe"
     _refuse_overrides(m, MODEL_DEFAULTS, fields, "model", where)
     data = cfg.to_dict()
     data["model"].update(fields, from_pretrained=str(folder))
@@ -131,8 +133,37 @@ def resolve_pretrained(cfg: Config, tokenizer_vocab: int | None = None) -> Confi
     if tokenizer_vocab is not None and tokenizer_vocab > resolved.model.vocab_size:
         raise ConfigError(f"{where}: the tokenizer has {tokenizer_vocab} tokens but the embedding only "
                           f"{resolved.model.vocab_size} rows")  # fmt: skip
+    if upcycle:
+        family = Upcycled(family, resolved.moe.num_experts)
     check_tensors(resolved, family, SafetensorsFiles(folder), where)
     return resolved
+
+
+def check_upcycling(cfg: Config, fields: dict[str, Any], where: str) -> None:
+    """Upcycled experts compute the dense function at step 0 only with renormalised gates, the dense
+    MLP's width, no MLP bias (experts have none) and no dropped tokens."""
+    moe = cfg.moe
+    if not moe.renormalize:
+        raise ConfigError(f"moe.renormalize: false while upcycling the dense model in {where}: the top-k gates must "
+                          f"sum to 1 for copies of the MLP to compute the dense function; set it true")  # fmt: skip
+    if moe.d_ff is not None and moe.d_ff != fields["d_ff"]:
+        raise ConfigError(f"moe.d_ff: {moe.d_ff} differs from the dense MLP's {fields['d_ff']} ({where}): upcycled "
+                          f"experts are copies of it; remove the setting")  # fmt: skip
+    if fields["bias"]:
+        raise ConfigError(f"{where}: the dense MLP has biases, which experts do not: upcycling is not supported")
+    if moe.capacity_factor is not None:
+        raise ConfigError(f"moe.capacity_factor: {moe.capacity_factor} while upcycling ({where}): dropped tokens "
+                          f"would leave the dense function at step 0; use null (dropless)")  # fmt: skip
+
+
+def adapter(family: Family, model: torch.nn.Module) -> Family:
+    """The family as `model` reads it: upcycled when a dense family's model was built with experts."""
+    from scalesparse.model.moe.backends import Experts
+
+    experts = next((m for m in model.modules() if isinstance(m, Experts)), None)
+    if experts is None or isinstance(family, Upcycled) or type(family).moe_fields is not Family.moe_fields:
+        return family
+    return Upcycled(family, experts.num_experts)
 
 
 def expected_tensors(cfg: Config, family: Family) -> dict[str, tuple[int, ...]]:
@@ -160,10 +191,12 @@ def check_tensors(cfg: Config, family: Family, files: SafetensorsFiles, where: s
 def load_pretrained(model: torch.nn.Module, folder: str | Path) -> None:
     """Copy the folder's weights into `model` (built from the resolved config), one tensor at a time."""
     folder = Path(folder)
-    family = family_of(read_hf_config(folder), where_of(folder))
+    family = adapter(family_of(read_hf_config(folder), where_of(folder)), model)
     files = SafetensorsFiles(folder)
     for name, p in model.named_parameters():  # a tied LM head is yielded once, as embed_tokens
         hf_names = family.hf_names(name, tuple(p.shape))
+        if not hf_names:  # an upcycled model's router: not in the dense checkpoint, keeps its initialisation
+            continue
         missing = [n for n in hf_names if n not in files.shard_of]
         if missing:
             raise CheckpointError(f"{where_of(folder)}: tensor {missing[0]} is missing from the safetensors files")

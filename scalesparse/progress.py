@@ -201,6 +201,8 @@ ROUTINE = [
     r"deepspeed_shm_comm_op built successfully",
     r"Setting ds_accelerator to \w+",
     r"Setting accelerator to CPU",
+    # the MoE backend line: the driver says it before the workers start; each worker's rank 0 again
+    r"moe: experts run on the '\w+' backend",
     # Ray Train's placement-group cleaner, each second while the State API does not answer it
     r"Failed to query Ray Train Controller actor state",
 ]

@@ -126,13 +126,15 @@ def test_console_keeps_routine_notices_in_the_log_only(tmp_path, capsys):
                          "this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.\n")  # fmt: skip
         print("(RayTrainWorker pid=2) DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built ", end="")
         print("successfully")
+        print("(RayTrainWorker pid=2) moe: experts run on the 'grouped' backend (moe.backend)")  # the driver said it
         sys.stderr.write("a real error\n")
         print("a line without its newline", end="")
     seen = capsys.readouterr()
     assert seen.out == "model: 1.3M parameters\na line without its newline\n"
     assert seen.err == "a real error\n"
     log = (tmp_path / "train.log").read_text()
-    for kept in ("PreemptionWatcher", "Token authentication", "built successfully", "a real error", "model:"):
+    for kept in ("PreemptionWatcher", "Token authentication", "built successfully", "a real error", "model:",
+                 "experts run on the"):
         assert kept in log
 
 

@@ -91,8 +91,8 @@ def test_upcycled_llama_exports_as_mixtral(tmp_path):
     from scalesparse.export import write_model
 
     save_hf("llama", tmp_path / "src")
-    cfg = resolve_pretrained(config_from_dict({"model": {"from_pretrained": str(tmp_path / "src"), "seq_len": T,
-                                                         "mlp": "moe"}, "moe": {**MOE, "backend": "loop"}}))  # fmt: skip
+    model_section = {"from_pretrained": str(tmp_path / "src"), "seq_len": T, "mlp": "moe"}
+    cfg = resolve_pretrained(config_from_dict({"model": model_section, "moe": {**MOE, "backend": "loop"}}))
     model = upcycled(tmp_path / "src")
     with torch.no_grad():  # experts no longer copies (as after training): the export must keep each
         model.layers[0].mlp.experts.down_proj[2].mul_(1.5)

@@ -163,6 +163,12 @@ CASES = {
     "train: hub dataset offline": (
         lambda c: ["train", data_config(c, sources=[{"hub": "someone/corpus"}], val_fraction=0.1)],
         "point data.sources[0].path at the local files"),
+    "train: mask_from weights without starting weights": (
+        lambda c: ["train", c.config(sparsity={"method": "static", "mask_from": "weights"})],
+        "sparsity.mask_from: weights needs starting weights: set model.from_pretrained"),
+    "train: mask_from weights with a method that makes its own mask": (
+        lambda c: ["train", c.config(sparsity={"method": "gmp", "mask_from": "weights"})],
+        "sparsity.mask_from: 'weights' is not allowed; it needs sparsity.method static, set or rigl (not gmp)"),
 }
 
 

@@ -139,25 +139,36 @@ def check_init_from(cfg: Config, vocab: int) -> None:
 
 def run_elastic(cfg: Config, args: dict[str, Any], run_dir: Path, address: str | None,
                 progress: ProgressView | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Run the workers; with fault_tolerance.elastic, when the group failed and the cluster no longer
-    holds it at full size, continue on fewer workers from the latest complete checkpoint (reshaped,
-    train/elastic.py), as often as it takes. Returns one record per shrink. `progress`: where rank
-    0's progress is shown."""
+    """Run the workers; with fault_tolerance.elastic, when the group failed (and Ray Train's own
+    max_failures restarts are spent), continue from the latest complete checkpoint: on fewer workers
+    when the cluster no longer holds the group (reshaped, train/elastic.py), as often as it takes, else
+    once more at full size. Returns one record per shrink. `progress`: where rank 0's progress is shown.
+
+    A node that crashes is still counted by the cluster until Ray's health checks declare it dead
+    (tens of seconds); so the driver watches the cluster for up to restart_timeout_s before it
+    decides, and a node that left gracefully (preempted) is seen at once."""
     from scalesparse import launch
 
     shrunk: list[dict[str, Any]] = []
+    retried_from: str | None = None  # the checkpoint the last full-size restart continued from
     while True:
         try:
             launch.run_workers(cfg, args, address=address, progress=progress)
             return shrunk
-        except ScalesparseError as e:
+        except launch.WorkersFailed as e:
             if not cfg.fault_tolerance.elastic:
                 raise
-            r = cfg.resources
-            slots = launch.worker_slots(r.cpus_per_worker, r.gpus_per_worker, address)
-            if slots >= cfg.parallel.workers:  # not a lost node: a failure that fewer workers would repeat
-                raise
+            failed_at = time.time()
+            slots = wait_for_lost_slots(cfg, address)
             latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+            if slots >= cfg.parallel.workers:  # the cluster still holds the group: not a lost node (yet)
+                if latest is None or latest.name == retried_from:  # no progress since the last retry
+                    raise
+                retried_from = latest.name
+                print(f"fault tolerance: {e}; the cluster still holds {slots} workers: restarting "
+                      f"{cfg.parallel.workers} from {latest}", flush=True)  # fmt: skip
+                args = {**args, "resume": str(latest.resolve()), "latest_at_launch": latest.name}
+                continue
             smaller = elastic.shrink(cfg, slots)
             if latest is None or smaller is None:
                 raise ScalesparseError(f"{e}; the cluster now holds {slots} of {cfg.parallel.workers} workers and "
@@ -165,7 +176,7 @@ def run_elastic(cfg: Config, args: dict[str, Any], run_dir: Path, address: str |
                                           "no smaller worker count divides the global batch")) from e  # fmt: skip
             error = str(e)
         record = {"from_workers": cfg.parallel.workers, "to_workers": smaller.parallel.workers,
-                  "checkpoint": latest.name, "time": time.time(), "error": error}  # fmt: skip
+                  "checkpoint": latest.name, "time": time.time(), "failed_at": failed_at, "error": error}  # fmt: skip
         print(f"fault tolerance: {cfg.parallel.workers} workers cannot be restarted (the cluster holds {slots}); "
               f"continuing on {smaller.parallel.workers} from {latest}", flush=True)  # fmt: skip
         check_compatible(ckpt.read_state(latest), smaller, args["data"]["vocab_size"], latest)  # prints the reshape
@@ -173,6 +184,20 @@ def run_elastic(cfg: Config, args: dict[str, Any], run_dir: Path, address: str |
         cfg = smaller
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         args = {**args, "config": cfg.to_dict(), "resume": str(latest.resolve()), "latest_at_launch": latest.name}
+
+
+def wait_for_lost_slots(cfg: Config, address: str | None, poll_s: float = 1.0) -> int:
+    """Worker slots the cluster holds, watched for up to fault_tolerance.restart_timeout_s while it
+    still shows the full group (a crashed node is declared dead late); returns at once below that."""
+    from scalesparse import launch
+
+    r = cfg.resources
+    deadline = time.monotonic() + cfg.fault_tolerance.restart_timeout_s
+    while True:
+        slots = launch.worker_slots(r.cpus_per_worker, r.gpus_per_worker, address)
+        if slots < cfg.parallel.workers or time.monotonic() >= deadline:
+            return slots
+        time.sleep(poll_s)
 
 
 def model_summary(cfg: Config, vocab: int) -> dict[str, float]:
@@ -246,6 +271,9 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     launch.check_reachable(address)  # seconds, not minutes of retries
+    if cfg.fault_tolerance.elastic and cfg.checkpoint.every == 0:
+        raise ConfigError("fault_tolerance.elastic: continues from the latest checkpoint, but checkpoint.every is 0 "
+                          "(only at the end); set checkpoint.every > 0")  # fmt: skip
     check_local_gpus(cfg, address)
     run_dir = prepare_run_dir(cfg, resume)
     if cfg.model.from_pretrained:  # architecture, shapes and tokenizer from the folder, before data and workers

@@ -427,10 +427,13 @@ class FaultToleranceConfig:
     max_failures: int = 0
     """Worker-group restarts allowed (Ray Train FailureConfig); a restart resumes from the latest checkpoint."""
     elastic: bool = False
-    """When a lost worker group cannot be restarted at full size within restart_timeout_s (a node is
-    gone), continue on the workers the cluster still has, from the latest complete checkpoint."""
+    """When the worker group fails (after any max_failures restarts), continue from the latest complete
+    checkpoint: on the workers the cluster still holds when a node is gone (a crashed node is watched
+    for up to restart_timeout_s until the cluster declares it dead), else once more at full size.
+    Works with max_failures 0; needs checkpoints to continue from (checkpoint.every > 0)."""
     restart_timeout_s: float = 60.0
-    """With elastic: how long a restart waits for its workers' resources before it shrinks."""
+    """With elastic: how long the driver watches the cluster for a lost node after a failure, and how
+    long a restart waits for its workers' resources before it shrinks."""
 
     def _checks(self) -> Iterator[Problem]:
         yield from _non_negative(self, "max_failures")

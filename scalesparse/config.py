@@ -679,6 +679,19 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class OWLConfig:
+    m: float = 5.0
+    """A score counts as an outlier above m × its block's mean Wanda score (OWL's M; paper: 5)."""
+    lam: float = 0.08
+    """Block densities spread over ±lam around the target (OWL's λ; paper: 0.08 for LLaMA)."""
+
+    def _checks(self) -> Iterator[Problem]:
+        yield from _positive(self, "m")
+        if not 0 < self.lam < 0.5:
+            yield "lam", "must be in (0, 0.5)"
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     model: str = ""
     """Folder of a transformers causal LM (config.json + safetensors or a .gguf), or a scalesparse export."""
@@ -687,7 +700,14 @@ class PruneConfig:
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
     """Pruning method (scalesparse.pruning.PRUNERS)."""
     sparsity: float = 0.5
-    """Fraction of weights removed in every pruned layer (with pattern: must be 1 − N/M)."""
+    """Fraction of weights removed in every pruned layer (with pattern: must be 1 − N/M); with
+    layer_sparsity owl, the mean over decoder blocks."""
+    layer_sparsity: Literal["uniform", "owl"] = "uniform"
+    """uniform: every layer at `sparsity`; owl: per decoder block by outlier ratio (OWL, Yin et al.
+    2024: blocks with more outlier Wanda scores are pruned less), averaging to `sparsity`; usable with
+    every method, not with an N:M pattern."""
+    owl: OWLConfig = field(default_factory=OWLConfig)
+    """OWL's hyper-parameters (layer_sparsity: owl)."""
     pattern: str | None = None
     """N:M structure along the input dimension, e.g. '2:4'; null = unstructured."""
     include: tuple[str, ...] = ("*",)
@@ -729,6 +749,12 @@ class PruneConfig:
         yield from _in_unit(self, "damp", closed_low=False)
         if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             yield "device", "must be cpu, cuda or cuda:N"
+        if self.layer_sparsity == "owl":
+            if self.pattern is not None:
+                yield "layer_sparsity", "owl sets a sparsity per block; an N:M pattern fixes it (drop one of them)"
+            elif not self.owl.lam <= min(self.sparsity, 1 - self.sparsity):
+                yield "owl.lam", (f"{self.owl.lam} would take some block beyond [0, 1] around sparsity "
+                                  f"{self.sparsity}; must be <= {min(self.sparsity, 1 - self.sparsity):g}")  # fmt: skip
         if self.pattern is not None:
             nm = self.nm
             if nm is None:

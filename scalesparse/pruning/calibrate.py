@@ -24,6 +24,7 @@ from scalesparse import comm
 from scalesparse.pruning import PRUNERS  # the methods, registered
 from scalesparse.pruning.base import weight_matrix
 from scalesparse.pruning.hf import find_blocks, linear_layers
+from scalesparse.pruning.owl import outlier_ratio, owl_sparsities
 
 
 class _Captured(Exception):
@@ -50,6 +51,10 @@ class PruneReport:
     solve (its own solves), broadcast (waiting for and receiving the others'), propagate (pruned outputs)."""
     block_seconds: list[float] = field(default_factory=list)
     """Wall seconds per decoder block, all phases (device work included: the block's results are read)."""
+    block_sparsity: list[float] = field(default_factory=list)
+    """OWL only: the sparsity each decoder block was pruned to (their mean is the target)."""
+    block_outlier_ratio: list[float] = field(default_factory=list)
+    """OWL only: each block's fraction of Wanda scores above m × their mean, on the dense model."""
 
     def timed(self, phase: str, t0: float) -> float:
         now = time.perf_counter()
@@ -147,6 +152,31 @@ class Grams:
         return self.sums[self.group[name]]
 
 
+@torch.no_grad()
+def dense_outlier_ratios(blocks, block_layers, hidden: list[torch.Tensor], kwargs: dict, device: str,
+                         m: float) -> list[float]:  # fmt: skip
+    """OWL's statistic per block, on the dense model: the calibration inputs run through every block
+    unpruned; each layer's Wanda scores from its inputs' per-column Σx² (summed over workers)."""
+    ratios = []
+    for i, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(device)
+        layers = block_layers(i, block)
+        norms = {n: PRUNERS.get("wanda")(layer) for n, layer in layers.items()}  # its per-column Σx²
+        handles = [layer.register_forward_hook(_statistics_only(n, norms[n])) for n, layer in layers.items()]
+        outputs = [_run_block(block, h.to(device), kwargs).to(h.device) for h in hidden]
+        for handle in handles:
+            handle.remove()
+        for p in norms.values():
+            comm.all_reduce_sum(p.sq_sum)
+        scores = [weight_matrix(layer).detach().abs().float() * norms[n].sq_sum.sqrt().float() for n, layer in
+                  layers.items()]  # fmt: skip
+        ratios.append(outlier_ratio(scores, m) if scores else 0.0)
+        hidden = outputs
+        block.to(home)
+    return ratios
+
+
 def _statistics_only(name: str, pruner):
     """The forward hook of a walk without Gram sums: the method's own statistics only (Wanda's
     per-column Σx²)."""
@@ -184,9 +214,11 @@ def assign_owners(costs: dict[str, float], workers: int) -> dict[str, int]:
 def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, sparsity: float,
                 nm: tuple[int, int] | None = None, include: tuple[str, ...] = ("*",),
                 exclude: tuple[str, ...] = (), device: str = "cpu", pruner_args: dict | None = None,
-                progress: bool = True, layer_error: bool = True) -> PruneReport:  # fmt: skip
+                progress: bool = True, layer_error: bool = True,
+                owl: tuple[float, float] | None = None) -> PruneReport:  # fmt: skip
     """Prune every matching Linear of every decoder block in place. `batches`: this worker's share of
-    the calibration token ids, each (B, T).
+    the calibration token ids, each (B, T). `owl`: (m, λ) for OWL's non-uniform block sparsities
+    (pruning/owl.py; a dense pass over the blocks first), else every block at `sparsity`.
 
     Each method pays only for what it uses: Σxxᵀ (the walk's main cost, n·d² per input) is computed
     for SparseGPT, or for every method when `layer_error` asks for the reconstruction-error report;
@@ -195,22 +227,32 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
     cls = PRUNERS.get(method)
     with_gram = cls.needs_gram or layer_error
     prefix, blocks = find_blocks(model)
-    if cls.needs_inputs or with_gram:
+    if cls.needs_inputs or with_gram or owl:
         hidden, kwargs = capture_block_inputs(model, blocks, batches)
     else:
         hidden, kwargs = [], {}
     hidden = resident_inputs(hidden, device)
     kwargs = to_device(kwargs, device)
     report = PruneReport()
+
+    def block_layers(i: int, block: nn.Module) -> dict[str, nn.Module]:
+        return {n: m for n, m in linear_layers(block).items()
+                if any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in include)
+                and not any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in exclude)}  # fmt: skip
+
+    if owl:
+        t = time.perf_counter()
+        ratios = dense_outlier_ratios(blocks, block_layers, hidden, kwargs, device, owl[0])
+        report.block_sparsity = owl_sparsities(ratios, sparsity, owl[1])
+        report.block_outlier_ratio = ratios
+        report.timed("owl", t)
     measured: dict[str, float] = {}  # seconds per layer name in the previous block: the next block's costs
     bar = tqdm(total=len(blocks), desc=f"{method} {sparsity:.0%}", disable=not progress or comm.rank() != 0)
     for i, block in enumerate(blocks):
         t_block = time.perf_counter()
         home = next(block.parameters()).device
         block.to(device)
-        layers = {n: m for n, m in linear_layers(block).items()
-                  if any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in include)
-                  and not any(fnmatch.fnmatchcase(f"{prefix}.{i}.{n}", p) for p in exclude)}  # fmt: skip
+        layers = block_layers(i, block)
         pruners = {n: cls(m, **(pruner_args or {}), external_gram=True) for n, m in layers.items()}
         grams = Grams()
 
@@ -231,7 +273,8 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
             if p.needs_gram:
                 p.xxt = xxt[n]
         t = report.timed("reduce", t)
-        entries, t = _solve(layers, pruners, xxt, sparsity, nm, report, t, measured)
+        block_sparsity = report.block_sparsity[i] if report.block_sparsity else sparsity
+        entries, t = _solve(layers, pruners, xxt, block_sparsity, nm, report, t, measured)
         measured = {n: e[3] for n, e in entries.items()}  # the same on every rank: the times were broadcast
         report.layers += [LayerReport(f"{prefix}.{i}.{n}", *entries[n]) for n in sorted(entries)]
         hidden = [_run_block(block, h.to(device), kwargs).to(h.device) for h in hidden]  # pruned outputs feed on

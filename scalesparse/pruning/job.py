@@ -152,7 +152,8 @@ def _prune(cfg: PruneConfig, progress: bool) -> dict:
     before = perplexity(model, eval_ids, e.window, e.stride, where) if e.tokens and lead else None
     report = prune_model(model, batches, cfg.method, cfg.sparsity, cfg.nm, cfg.include, cfg.exclude, cfg.device,
                          {"blocksize": cfg.blocksize, "damp": cfg.damp}, progress=progress,
-                         layer_error=cfg.layer_error)  # fmt: skip
+                         layer_error=cfg.layer_error,
+                         owl=(cfg.owl.m, cfg.owl.lam) if cfg.layer_sparsity == "owl" else None)  # fmt: skip
     phases_by_rank = comm.all_gather_object(report.phases)  # where a slow rank made the others wait
     if not lead:
         comm.barrier()
@@ -166,7 +167,9 @@ def _prune(cfg: PruneConfig, progress: bool) -> dict:
         "model": cfg.model, "method": cfg.method, "sparsity": cfg.sparsity, "pattern": cfg.pattern,
         "workers": comm.world_size(), "device": cfg.device, "eval_device": where,
         "ppl_before": before["ppl"] if before else None, "ppl_after": after["ppl"] if after else None,
-        "pruned_fraction_of_pruned_layers": pruned / max(1, total),
+        "pruned_fraction_of_pruned_layers": pruned / max(1, total), "layer_sparsity": cfg.layer_sparsity,
+        **({"owl": asdict(cfg.owl), "block_sparsity": report.block_sparsity,
+            "block_outlier_ratio": report.block_outlier_ratio} if cfg.layer_sparsity == "owl" else {}),
         "calibration": {**asdict(cfg.calibration), "tokens": cfg.calibration.samples * cfg.calibration.seq_len},
         "eval": {**asdict(e), **({k: before[k] for k in ("tokens_scored",)} if before else {})},
         "prune_seconds": report.seconds, "wall_seconds": time.perf_counter() - t0, "phase_seconds": report.phases,
@@ -190,9 +193,16 @@ def _markdown(r: dict) -> str:
         f"# {r['method']} {r['pattern'] or 'unstructured'} at {r['sparsity']:.0%}: {r['model']}", "",
         "| | dense | pruned |", "|---|---|---|", ppl, "",
         f"{protocol}Calibration: {c['samples']} windows of {c['seq_len']} tokens from {', '.join(c['docs'])}, "
-        f"seed {c['seed']}. Pruning took {r['prune_seconds']:.1f} s.", "",
+        f"seed {c['seed']}. Pruning took {r['prune_seconds']:.1f} s. Overall sparsity of the pruned layers: "
+        f"{r['pruned_fraction_of_pruned_layers']:.4f}.", "",
         "| layer | shape | sparsity | relative reconstruction error | seconds |", "|---|---|---|---|---|",
     ]  # fmt: skip
+    if r.get("block_sparsity"):  # OWL: the per-block plan before the per-layer table
+        o = r["owl"]
+        lines[-2:-2] = [f"Layer sparsity: OWL (m = {o['m']:g}, λ = {o['lam']:g}); per decoder block, sparsity "
+                        "(outlier ratio on the dense model): " + ", ".join(
+                            f"{i}: {s:.3f} ({d:.4f})" for i, (s, d) in
+                            enumerate(zip(r["block_sparsity"], r["block_outlier_ratio"]))), ""]  # fmt: skip
     lines += [f"| {x['name']} | {x['shape'][0]}×{x['shape'][1]} | {x['sparsity']:.4f} | "
               f"{'—' if x['rel_error'] is None else format(x['rel_error'], '.4g')} | {x['seconds']:.2f} |"
               for x in r["layers"]]  # fmt: skip

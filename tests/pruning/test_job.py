@@ -119,7 +119,19 @@ def test_the_report_of_a_run_without_evaluation_states_no_protocol():
     from scalesparse.pruning.job import _markdown
 
     r = {"method": "wanda", "pattern": None, "sparsity": 0.5, "model": "m", "ppl_before": None, "ppl_after": None,
-         "prune_seconds": 1.0, "layers": [], "eval": {"docs": ["hamlet"], "offset": 0, "tokens": 0, "window": 512,
+         "prune_seconds": 1.0, "layers": [], "pruned_fraction_of_pruned_layers": 0.5,
+         "eval": {"docs": ["hamlet"], "offset": 0, "tokens": 0, "window": 512,
          "stride": 256}, "calibration": {"samples": 4, "seq_len": 32, "docs": ["tempest"], "seed": 0}}  # fmt: skip
     text = _markdown(r)
     assert "Perplexity not evaluated (eval.tokens = 0)" in text and "sliding windows" not in text
+
+
+def test_prune_with_owl_reports_each_blocks_sparsity(exported, small_data, tmp_path):
+    out = tmp_path / "owl"
+    argv = ["prune", "--model", str(exported), "--method", "wanda", "--sparsity", "0.5", "--out", str(out),
+            *data_args(small_data), "--set", "layer_sparsity=owl", "--set", "eval.tokens=0"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["block_sparsity"]) == 2 and sum(report["block_sparsity"]) / 2 == pytest.approx(0.5)
+    assert report["pruned_fraction_of_pruned_layers"] == pytest.approx(0.5, abs=0.01)
+    assert "Layer sparsity: OWL (m = 5, λ = 0.08)" in (out / "report.md").read_text()

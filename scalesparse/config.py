@@ -315,6 +315,45 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    teacher: str | None = None
+    """A transformers model folder (what model.from_pretrained accepts: Llama, Mistral, Qwen2, Mixtral),
+    typically the dense model a pruned student came from; null = no distillation. Built as scalesparse's
+    own GPT, frozen (no gradients, eval mode, no optimizer state), in train.dtype; under ZeRO-3 its
+    weights are partitioned over the workers like the student's. Same vocabulary as the student; for
+    squarehead also the same number of decoder blocks and width. Made absolute when the config is read."""
+    kind: Literal["logits", "squarehead"] = "logits"
+    """logits: T²·KL(softmax(teacher/T) ‖ softmax(student/T)), averaged over tokens (Hinton et al.).
+    squarehead: per decoder block, mean((h_student − h_teacher)²) / mean(h_teacher²) over the block's
+    output (batch, tokens, width), averaged over blocks (Kurtic et al. 2023 sum over blocks: ours is their
+    sum / n_layers)."""
+    weight: float = 0.5
+    """w in loss = (1 − w)·task + w·distill, task being the next-token cross-entropy (MoE router losses
+    are added unweighted); in (0, 1], 1 = distillation alone."""
+    temperature: float = 1.0
+    """T of kind logits (softmax(z/T), loss scaled by T² so gradients keep their size); > 0."""
+
+    def __post_init__(self) -> None:
+        # workers run in other folders (and on other nodes): the path is resolved where the config is read
+        if self.teacher:
+            object.__setattr__(self, "teacher", str(Path(self.teacher).expanduser().resolve()))
+
+    def _checks(self) -> Iterator[Problem]:
+        if not self.teacher:
+            if self != DistillConfig(teacher=self.teacher):
+                yield "teacher", "must name the teacher folder when other train.distill keys are set"
+            return
+        yield from _in_unit(self, "weight", closed_low=False, closed_high=True)
+        yield from _positive(self, "temperature")
+        if self.kind != "logits" and self.temperature != 1.0:
+            yield "temperature", "is used by kind logits only; remove it"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
     """Optimizer steps."""
@@ -356,6 +395,8 @@ class TrainConfig:
     workspaces, torch's deterministic algorithms (warn-only) and math attention instead of flash /
     memory-efficient (slower, more memory at long sequences; train/engine.use_deterministic_kernels).
     CPU training is deterministic anyway."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Knowledge distillation from a frozen teacher model (off unless distill.teacher is set)."""
 
     def _checks(self) -> Iterator[Problem]:
         for name in ("steps", "global_batch_size", "micro_batch_size", "lr", "eps"):

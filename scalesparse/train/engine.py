@@ -118,6 +118,19 @@ def build_engine(model: nn.Module, cfg: Config, world: int):
     return engine
 
 
+def teacher_engine(teacher: nn.Module, cfg: Config, world: int):
+    """A frozen distillation teacher partitioned like a ZeRO-3 student: DeepSpeed's ZeRO-3 engine with
+    no optimizer (its ZeRO-Inference path) keeps 1/world of each weight on this rank, in the student's
+    dtype, and gathers a module's weights only for its forward. Every rank must run the teacher's
+    forward the same number of times (the gathers are collective)."""
+    import deepspeed
+
+    config = {**deepspeed_config(cfg, world), "zero_optimization": {"stage": 3}, "gradient_clipping": 0.0}
+    engine, _, _, _ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
 def set_lr(engine, lr: float) -> None:
     # The schedule is a pure function of the step, so resume needs no scheduler state.
     for group in engine.optimizer.param_groups:

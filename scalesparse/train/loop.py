@@ -290,6 +290,11 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
         dst.init_masks(model, [train_blocks.get(rank_slice(first, m, rank, world, micro)) for m in range(ga)], device)
     engine = build_engine(model, cfg, world)
     moe_stats = MoEStats(engine.module.moe_layers())
+    distiller = None
+    if cfg.train.distill.enabled:  # after the student is partitioned: the teacher's full copy is transient
+        from scalesparse.train.distill import Distiller
+
+        distiller = Distiller.build(cfg, engine, device, world)
 
     state = TrainState()
     resumed: dict[str, Any] = {}
@@ -343,7 +348,10 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
         for m in range(ga):
             x, y = train_blocks.get(rank_slice(batch, m, rank, world, micro))
-            _, loss = engine(x.to(device), y.to(device))
+            if distiller is None:
+                _, loss = engine(x.to(device), y.to(device))
+            else:  # (1 − w)·task + w·distill (train/distill.py)
+                loss = distiller.loss(engine, x.to(device), y.to(device))
             engine.backward(loss)
             if dst is not None and m == ga - 1:
                 dst.at_boundary(engine, step)
@@ -366,7 +374,8 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             peak = {"peak_mem_mb": max(comm.all_gather_object(peak_memory_mb()))} if last else {}
             logger.log({"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_s": tps, "time": time.time(),
                         **peak,
-                        **({"grad_norm": norm} if norm is not None else {}), **moe_stats.collect()})  # fmt: skip
+                        **({"grad_norm": norm} if norm is not None else {}), **moe_stats.collect(),
+                        **(distiller.collect() if distiller is not None else {})})  # fmt: skip
             if progress is not None:
                 progress.set_description(f"{cfg.name} loss {mean_loss:.3f} | {tps:,.0f} tok/s")
         if dst is not None and dst.pending:

@@ -25,6 +25,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     summary = run_training(cfg, resume=args.resume, address=args.address)
+    if summary.get("nothing_to_do"):  # said by the driver; the old figures are in the run's summary.json
+        return 0
     print(
         f"done in {summary['wall_s']:.0f} s: final val loss {summary['final_val_loss']:.4f}, "
         f"val ppl {summary['final_val_ppl']:.2f}, {summary['tokens_per_s']:,.0f} tokens/s | {summary['run_dir']}"

@@ -266,16 +266,21 @@ def masks_in_force(records: list[dict[str, Any]], steps: int) -> dict[str, Any] 
             "zeroed_in_training": round(zeros / max(1, steps))}  # fmt: skip
 
 
-def run_training(cfg: Config, resume: str | None = None, address: str | None = None) -> dict[str, Any]:
-    from scalesparse import launch
+def final_tokens_per_s(records: list[dict[str, Any]]) -> float:
+    """The speed of the layout the run ended on: after a resume (maybe onto other workers) only its
+    own segment; each segment's first logged interval includes start-up, left out when there is another."""
+    resumed_at = max((r["step"] for r in records if "resume_from" in r), default=-1)
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > resumed_at]
+    return statistics.mean(rates[1:] or rates) if rates else math.nan
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    launch.check_reachable(address)  # seconds, not minutes of retries
-    if cfg.fault_tolerance.elastic and cfg.checkpoint.every == 0:
-        raise ConfigError("fault_tolerance.elastic: continues from the latest checkpoint, but checkpoint.every is 0 "
-                          "(only at the end); set checkpoint.every > 0")  # fmt: skip
-    check_local_gpus(cfg, address)
-    run_dir = prepare_run_dir(cfg, resume)
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _checked_inputs(cfg: Config, resume: str | None, run_dir: Path) -> tuple[Config, PreparedData, Path | None]:
+    """Everything about the run's inputs that can fail, before any worker: the pretrained folder, the
+    mask source, the teacher, the data, the checkpoint to resume, the weights to start from."""
     if cfg.model.from_pretrained:  # architecture, shapes and tokenizer from the folder, before data and workers
         from scalesparse.model.pretrained import resolve_pretrained
 
@@ -285,20 +290,63 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
 
         check_mask_source(cfg)
     data: PreparedData = prepare_data(cfg.data, cfg.model.vocab_size)  # the embedding must hold every token id
+    if cfg.train.distill.teacher:  # the teacher's folder and its fit with the student (headers only)
+        from scalesparse.train.distill import teacher_config
+
+        teacher_config(cfg, cfg.model.vocab_size or data.vocab_size, cfg.model.n_layers, cfg.model.d_model)
     start = resolve_resume(cfg, resume, run_dir, data.vocab_size)
     if cfg.train.init_from and start is None:
         check_init_from(cfg, data.vocab_size)
         # workers run in other folders (and on other nodes): hand them an absolute path
         absolute = str(Path(cfg.train.init_from).expanduser().resolve())
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=absolute))
+    return cfg, data, start
+
+
+def _finished(cfg: Config, start: Path | None, run_dir: Path) -> dict[str, Any] | None:
+    """A resume whose checkpoint is already at train.steps has nothing to do: say so and return the run's
+    summary, without starting Ray."""
+    if start is None or ckpt.read_state(start)["step"] < cfg.train.steps:
+        return None
+    summary_path = run_dir / "summary.json"
+    print(f"nothing to do: {start} is at step {ckpt.read_state(start)['step']}, train.steps is {cfg.train.steps} "
+          f"(raise train.steps to train on){'; its summary: ' + str(summary_path) if summary_path.is_file() else ''}",
+          flush=True)  # fmt: skip
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"run_dir": str(run_dir)}
+    return {**summary, "nothing_to_do": True}
+
+
+def run_training(cfg: Config, resume: str | None = None, address: str | None = None) -> dict[str, Any]:
+    from scalesparse import launch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    launch.check_reachable(address)  # seconds, not minutes of retries
+    if cfg.fault_tolerance.elastic and cfg.checkpoint.every == 0:
+        raise ConfigError("fault_tolerance.elastic: continues from the latest checkpoint, but checkpoint.every is 0 "
+                          "(only at the end); set checkpoint.every > 0")  # fmt: skip
+    check_local_gpus(cfg, address)
+    fresh = not cfg.run_path.exists()
+    run_dir = prepare_run_dir(cfg, resume)
+    try:
+        cfg, data, start = _checked_inputs(cfg, resume, run_dir)
+    except BaseException:
+        if fresh and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run refused before it began leaves no empty run folder behind
+        raise
+    finished = _finished(cfg, start, run_dir)
+    if finished is not None:
+        return finished
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     s = model_summary(cfg, data.vocab_size)
+    sparse = (f" | sparse ({cfg.sparsity.method}, {cfg.sparsity.sparsity:.0%} of the sparsified layers): "
+              f"{s['params_nonzero'] / 1e6:.2f}M nonzero, {s['flops_per_token_train_sparse'] / 1e6:.1f} MFLOP/token "
+              f"to train with sparse kernels" if cfg.sparsity.method != "none" else "")  # fmt: skip
     print(
         f"model: {s['params'] / 1e6:.2f}M parameters ({s['params_non_embedding'] / 1e6:.2f}M non-embedding"
         + (f", {s['params_active'] / 1e6:.2f}M active per token" if cfg.model.mlp == "moe" else "") + "), "
-        f"{s['flops_per_token_train'] / 1e6:.1f} MFLOP/token to train | data: {data.train_tokens:,} train / "
-        f"{data.val_tokens:,} val tokens, vocab {data.vocab_size} | {cfg.parallel.workers} workers, "
+        f"{s['flops_per_token_train'] / 1e6:.1f} MFLOP/token to train{sparse} | data: {data.train_tokens:,} train / "
+        f"{data.val_tokens:,} val tokens, vocab {data.vocab_size} | {plural(cfg.parallel.workers, 'worker')}, "
         f"ZeRO-{cfg.parallel.zero_stage}, grad accum {cfg.grad_accum} | run dir {run_dir}",
         flush=True,
     )
@@ -310,9 +358,16 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     t0 = time.perf_counter()
     # everything printed while the workers run goes to train.log; Ray's and DeepSpeed's routine notices
     # only there. Rank 0's progress is drawn here: a bar on a terminal, a line per log step otherwise.
-    with Console(run_dir / "train.log") as console:
-        view = ProgressView(cfg.logging.log_every, console) if cfg.logging.progress else None
-        shrunk = run_elastic(cfg, args, run_dir, address, view)
+    try:
+        with Console(run_dir / "train.log") as console:
+            view = ProgressView(cfg.logging.log_every, console) if cfg.logging.progress else None
+            shrunk = run_elastic(cfg, args, run_dir, address, view)
+    except KeyboardInterrupt:
+        latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+        where = (f"the latest complete checkpoint is {latest} (step {ckpt.read_state(latest)['step']}); continue "
+                 f"with the same command and --resume auto" if latest else "no checkpoint was written yet")
+        print(f"\ninterrupted: {where}", flush=True)
+        raise
     wall = time.perf_counter() - t0
 
     records = read_metrics(run_dir)
@@ -322,14 +377,12 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
              **sparse_figures(cfg, s, in_force["zeroed"], in_force["zeroed_in_training"])}  # fmt: skip
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "tokens_per_s" in r]
-    rates = [r["tokens_per_s"] for r in steps]
     summary = {
         "run_dir": str(run_dir),
         "wall_s": wall,
         "final_val_loss": evals[-1]["val_loss"] if evals else math.nan,
         "final_val_ppl": evals[-1]["val_ppl"] if evals else math.nan,
-        # the first logged interval includes start-up: leave it out when there is another
-        "tokens_per_s": statistics.mean(rates[1:] or rates) if rates else math.nan,
+        "tokens_per_s": final_tokens_per_s(records),
         "peak_mem_mb": max((r["peak_mem_mb"] for r in steps if "peak_mem_mb" in r), default=math.nan),
         **s,
         **({"workers_lost": shrunk} if shrunk else {}),

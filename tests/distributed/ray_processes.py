@@ -27,6 +27,7 @@ RAY_START = [sys.executable, "-c", "import sys; from ray._private import service
              "services.resolve_ip_for_localhost = lambda host: host; from ray.scripts.scripts import main; "
              "sys.argv[0] = 'ray'; sys.exit(main())"]  # fmt: skip
 RAY = str(Path(sys.executable).parent / "ray")
+DRAIN_TIMEOUT_S = 3.0  # a preemption notice's grace, shorter than the tests' runs
 
 
 def free_port() -> int:
@@ -60,12 +61,12 @@ class RayProcesses:
     def jobs_address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.root / f"{name}.out"
         self.logs[name] = log
         with open(log, "ab") as out:
-            return subprocess.Popen([*RAY_START, "start", *args, "--block"], env=self.env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            return subprocess.Popen([*RAY_START, "start", *args, "--block"], env={**self.env, **(env or {})},
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def start_head(self) -> None:
         self.head = self._start("head", [
@@ -74,8 +75,10 @@ class RayProcesses:
             f"--ray-client-server-port={free_port()}", f"--temp-dir={self.root / 'ray'}", *_ports()])  # fmt: skip
 
     def start_second(self) -> None:
+        # SIGTERM drains the node first: its workers go on for up to this long (Ray's default: 30 s)
+        drain = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)}
         self.second = self._start("second", [f"--address={self.address}", "--node-ip-address=127.0.0.1",
-                                             "--num-cpus=1", *_ports()])  # fmt: skip
+                                             "--num-cpus=1", *_ports()], env=drain)  # fmt: skip
 
     def wait_for_nodes(self, count: int, timeout_s: float = 90.0) -> None:
         """Until the cluster shows `count` live nodes (`ray status` through the head)."""

@@ -15,6 +15,7 @@ one worker per node (SPREAD).
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -47,10 +48,13 @@ def cluster():
 
 def write_config(small_data, folder: Path, name: str, **sections) -> Path:
     # wide enough that 40 steps take seconds: a window to crash the node in after the step-10 checkpoint
-    cfg = tiny_config(small_data, folder / name, model={"d_model": 128, "n_layers": 4, "seq_len": 64},
-                      train={"steps": STEPS, "global_batch_size": 16, "micro_batch_size": 4, "eval_every": 10},
-                      checkpoint={"every": EVERY, "keep": 2}, resources={"placement": "SPREAD"},
-                      logging={"log_every": 1, "progress": True, "tensorboard": False}, **sections)  # fmt: skip
+    base = {"model": {"d_model": 128, "n_layers": 4, "seq_len": 64},
+            "train": {"steps": STEPS, "global_batch_size": 16, "micro_batch_size": 4, "eval_every": 10},
+            "checkpoint": {"every": EVERY, "keep": 2}, "resources": {"placement": "SPREAD"},
+            "logging": {"log_every": 1, "progress": True, "tensorboard": False}}  # fmt: skip
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values}
+    cfg = tiny_config(small_data, folder / name, **base)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -204,7 +208,18 @@ def test_a_local_run_starts_its_own_ray_while_a_cluster_is_up_and_after_it_died(
     address_file = cluster.root / "ray" / "ray_current_cluster"
     assert address_file.read_text().strip().endswith(f":{cluster.port}")
     local("while-up")
-    cluster.kill(cluster.second)
-    cluster.kill(cluster.head)  # no `ray stop`: the file stays behind, naming a dead cluster
-    assert address_file.is_file()
-    local("after-kill")
+    # SIGKILL to both `ray start` processes, no `ray stop`: the file stays behind, and their GCS,
+    # raylets and agents go on as orphans
+    orphans = cluster.pids(cluster.head)[1:] + cluster.pids(cluster.second)[1:]
+    try:
+        for proc in (cluster.second, cluster.head):
+            proc.kill()
+            proc.wait(timeout=10)
+        assert address_file.is_file()
+        local("after-kill")
+    finally:
+        for pid in orphans:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

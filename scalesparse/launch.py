@@ -71,7 +71,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     # until shutdown, when the run's Console no longer keeps routine notices off the terminal: let
     # those through at once. (Read when Ray is first imported.)
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", f"__ray_testing_never_deduplicate__|{ROUTINE_PATTERN}")
-    loopback = not address or _loopback_address(address)
+    loopback = not address or _loopback_only(address)
     if loopback:
         # On Linux Ray swaps a loopback node address (even an explicit _node_ip_address) for the
         # routable one so that other machines can join, and then every Ray process listens there or on
@@ -96,11 +96,7 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
                 # Ray 2.60 turns token auth on for a `ray start` head whenever ~/.ray/auth_token exists
                 # there, but a joining driver only uses a token when RAY_AUTH_MODE=token says so (and
                 # guessing it breaks joining a cluster without auth: its workers cannot call back)
-                raise LaunchError(
-                    f"--address {address}: the cluster requires token authentication; export RAY_AUTH_MODE=token "
-                    "with the head's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the "
-                    "head prints it)"
-                ) from None
+                raise LaunchError(_token_advice(address)) from None
             raise
         return
     dashboard_port = _free_loopback_port(preferred=DEFAULT_PORTS["http"])
@@ -125,10 +121,30 @@ def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
     _EMBEDDED = True  # this process started it: see runs_locally
 
 
-def _loopback_address(address: str) -> bool:
-    """Does `address` (HOST:PORT, ray://HOST:PORT, http://...) name this machine's loopback?"""
-    host = urlsplit(address if "://" in address else f"//{address}").hostname
-    return bool(host) and _is_loopback(host)
+def _loopback_only(address: str) -> bool:
+    """Is `address` (HOST:PORT) a Ray head on this machine's loopback and only there? Ray looks for a
+    head at 127.0.0.1 under the machine's routable address instead (where a `ray start` that was asked
+    for 127.0.0.1 on Linux also puts its node); a head kept on loopback is not found there."""
+    parts = urlsplit(address if "://" in address else f"//{address}")
+    try:
+        host, port = parts.hostname, parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+    except ValueError:
+        return False
+    if not host or port is None or not _is_loopback(host):
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("8.8.8.8", 80))  # (UDP: no packet is sent; picks the routable interface, as Ray does)
+            routable = s.getsockname()[0]
+    except OSError:
+        return True
+    if _is_loopback(routable):
+        return True
+    try:
+        socket.create_connection((routable, port), timeout=1.0).close()
+    except OSError:
+        return True
+    return False
 
 
 def _free_loopback_port(preferred: int = 0) -> int:
@@ -156,6 +172,12 @@ def _environment(**values: str):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _token_advice(address: str) -> str:
+    return (f"--address {address}: the cluster requires token authentication; export RAY_AUTH_MODE=token "
+            "with the head's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the "
+            "head prints it)")  # fmt: skip
 
 
 def _auth_refused(e: BaseException) -> bool:
@@ -590,15 +612,20 @@ def submit_job(cfg: Config, *, address: str | None, resume: str | None = None, p
               "working directory; set an absolute path on shared storage to keep the checkpoints", flush=True)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(address)
     entry = [python, "-m", "scalesparse", "train", "config.yaml"] + (["--resume", resume] if resume else [])
-    with tempfile.TemporaryDirectory(prefix="scalesparse-submit-") as tmp:
-        (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
-        job_id = client.submit_job(
-            entrypoint=shlex.join(entry),
-            submission_id=_unique(f"scalesparse-{cfg.name}"),
-            runtime_env={"working_dir": tmp, "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
-        )
+    try:
+        client = JobSubmissionClient(address)
+        with tempfile.TemporaryDirectory(prefix="scalesparse-submit-") as tmp:
+            (Path(tmp) / "config.yaml").write_text(cfg.to_yaml())
+            job_id = client.submit_job(
+                entrypoint=shlex.join(entry),
+                submission_id=_unique(f"scalesparse-{cfg.name}"),
+                runtime_env={"working_dir": tmp, "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}},
+            )
+    except Exception as e:
+        if _auth_refused(e):  # the Jobs API of a token-auth cluster, asked without the token
+            raise LaunchError(_token_advice(address)) from None
+        raise
     print(f"submitted job {job_id} to {address}", flush=True)
     if not wait:
         return 0

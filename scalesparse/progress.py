@@ -203,8 +203,10 @@ ROUTINE = [
     r"Setting accelerator to CPU",
     # the MoE backend line: the driver says it before the workers start; each worker's rank 0 again
     r"moe: experts run on the '\w+' backend",
-    # Ray Train's placement-group cleaner, each second while the State API does not answer it
+    # Ray Train's placement-group cleaner: each second while the State API does not answer it, and
+    # its monitor thread's traceback when it cannot find the State API at all (a cluster on loopback)
     r"Failed to query Ray Train Controller actor state",
+    r"^(?:\x1b\[[0-9;]*m)?\(PlacementGroupCleaner pid=",
 ]
 ROUTINE_PATTERN = "|".join(f"(?:{p})" for p in ROUTINE)
 _ROUTINE = re.compile(ROUTINE_PATTERN)
@@ -215,7 +217,34 @@ def routine(line: str) -> bool:
 
 
 # A line Ray forwards from one of its processes: "(RayTrainWorker pid=123, ip=...) text", maybe colored
-_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:[^()]*\s)?pid=\d+[^()]*\)")
+_FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:[^()]*\s)?pid=\d+[^()]*\)(?:\x1b\[[0-9;]*m)?\s?")
+_TRACEBACK_GOES_ON = re.compile(r"^(?:Traceback |\s|$|During handling of the above|The above exception)")
+
+
+class _WorkerTracebacks:
+    """Ray Train prints a failed worker's traceback ("Error in training function:" and the lines after
+    it, from that process); the driver says the same in one line (and, with fault tolerance, what it
+    does next). Such a block stays in the log only."""
+
+    def __init__(self) -> None:
+        self.inside: set[str] = set()  # sources (the forwarded prefix) inside a traceback
+
+    def hidden(self, text: str) -> bool:
+        m = _FORWARDED.match(text)
+        if m is None:
+            return False
+        source, body = m.group(0).strip(), text[m.end():].rstrip("\n")
+        if body.startswith("Error in training function"):
+            self.inside.add(source)
+            return True
+        if source not in self.inside:
+            return False
+        if _TRACEBACK_GOES_ON.match(body):
+            return True
+        if re.match(r"^[\w.]+(?:Error|Exception|Interrupt|Exit)\b", body):  # the exception itself: the block's end
+            return True  # (a chained one follows with "During handling...", matched above)
+        self.inside.discard(source)
+        return False
 REPEAT_WINDOW_S = 5.0
 
 
@@ -257,6 +286,7 @@ class Console:
         self._saved: tuple[TextIO, TextIO] | None = None
         self._log: TextIO | None = None
         self._repeats = _Repeats()
+        self._tracebacks = _WorkerTracebacks()
 
     def __enter__(self) -> Console:
         self._saved = (sys.stdout, sys.stderr)
@@ -285,7 +315,7 @@ class Console:
                 return
             if self._log is not None:
                 self._log.write(text)
-            if routine(text):
+            if routine(text) or self._tracebacks.hidden(text):
                 return
             bar = self.bar
             if bar is not None:

@@ -159,8 +159,11 @@ def run_elastic(cfg: Config, args: dict[str, Any], run_dir: Path, address: str |
             if not cfg.fault_tolerance.elastic:
                 raise
             failed_at = time.time()
-            slots = wait_for_lost_slots(cfg, address)
             latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+            if latest is not None and ckpt.read_state(latest).get("step") == cfg.train.steps:
+                print(f"fault tolerance: {e}; after the final checkpoint {latest}: the run is complete", flush=True)
+                return shrunk
+            slots = wait_for_lost_slots(cfg, address)
             if slots >= cfg.parallel.workers:  # the cluster still holds the group: not a lost node (yet)
                 if latest is None or latest.name == retried_from:  # no progress since the last retry
                     raise

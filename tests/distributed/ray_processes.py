@@ -23,11 +23,14 @@ from pathlib import Path
 # `ray start`, except that a loopback --node-ip-address / --address stays on loopback: Ray (on Linux,
 # where multi-node clusters are on) swaps 127.0.0.1 for the machine's routable address, and with
 # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (which keeps it) a second node refuses to join.
-RAY_START = [sys.executable, "-c", "import sys; from ray._private import services; "
-             "services.resolve_ip_for_localhost = lambda host: host; from ray.scripts.scripts import main; "
-             "sys.argv[0] = 'ray'; sys.exit(main())"]  # fmt: skip
+# So the processes it starts (agents, dashboard, job drivers, workers) get RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0,
+# which keeps them on loopback as well, and `ray start` itself is told clusters are on (or it refuses
+# to join a second node) but keeps the loopback address.
+RAY_START = [sys.executable, "-c", "import sys; from ray._private import ray_constants, services; "
+             "ray_constants.ENABLE_RAY_CLUSTER = True; services.resolve_ip_for_localhost = lambda host: host; "
+             "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"]  # fmt: skip
 RAY = str(Path(sys.executable).parent / "ray")
-DRAIN_TIMEOUT_S = 3.0  # a preemption notice's grace, shorter than the tests' runs
+DRAIN_TIMEOUT_S = 1.0  # a preemption notice's grace, shorter than the tests' runs
 
 
 def free_port() -> int:
@@ -178,9 +181,9 @@ def make_cluster(nodes: int = 2) -> RayProcesses:
     home = root / "home"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
-    drop = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")  # (tests set it)
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(HOME=str(home), RAY_AUTH_MODE="token", RAY_TMPDIR=str(root / "ray"), RAY_USAGE_STATS_ENABLED="0")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HOME=str(home), RAY_AUTH_MODE="token",
+               RAY_TMPDIR=str(root / "ray"), RAY_USAGE_STATS_ENABLED="0")
     cluster = RayProcesses(root, free_port(), free_port(), env)
     try:
         cluster.start_head()

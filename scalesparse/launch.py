@@ -324,7 +324,8 @@ def check_gpus(workers: int, gpus_per_worker: float, address: str | None, visibl
     want = workers * gpus_per_worker
     if have >= want:
         return
-    what = f"resources.gpus_per_worker: {workers} workers × {gpus_per_worker:g} GPU need {want:g} GPUs"
+    what = (f"resources.gpus_per_worker: {workers} worker{'s' * (workers != 1)} × {gpus_per_worker:g} GPU "
+            f"need{'s' * (workers == 1)} {want:g} GPU{'s' * (want != 1)}")  # "1 worker × 1 GPU needs 1 GPU"
     if runs_locally(address):
         raise LaunchError(f"{what}; this machine has {have:g}"
                           + ("" if have else " (no CUDA device; use resources.gpus_per_worker=0 on CPU)"))  # fmt: skip

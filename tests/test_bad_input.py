@@ -236,3 +236,11 @@ def test_every_case_has_its_row_in_the_doc():
     rows = {line.split(" | ")[0].removeprefix("| ") for line in DOC.read_text().splitlines() if line.startswith("| ")}
     missing = [case for case in CASES if case not in rows]
     assert not missing, f"no row in {DOC.name} for {missing}: run python -m tests.write_bad_input_doc"
+
+
+def test_one_worker_one_gpu_is_said_in_the_singular():
+    from scalesparse import launch
+    from scalesparse.errors import ScalesparseError
+
+    with pytest.raises(ScalesparseError, match="^resources.gpus_per_worker: 1 worker × 1 GPU needs 1 GPU; this"):
+        launch.check_gpus(1, 1, None, visible=0)

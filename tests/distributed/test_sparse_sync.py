@@ -163,7 +163,7 @@ def free_port() -> int:
 def spawn(world: int, out_dir, cases: list[tuple[str, str]], trainer: bool = False) -> list[dict]:
     """All cases in one start of `world` processes (a start costs seconds; a case, a fraction)."""
     mp.spawn(_worker, args=(world, free_port(), str(out_dir), cases, trainer), nprocs=world, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 @pytest.fixture(scope="module")

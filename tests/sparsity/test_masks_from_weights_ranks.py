@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_masks_from_weights_agree_across_two_ranks(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     model = pruned_model()
     expected = {n: m.weight != 0 for n, m in model.named_modules() if n.endswith("_proj") and hasattr(m, "weight")}
     for key in ("sliced", "replicated", "trainer"):

@@ -73,7 +73,7 @@ def test_teacher_partitioned_like_the_student_under_zero3(tmp_path):
     world = 2
     mp.spawn(_worker, args=(world, free_port(), str(tmp_path / "pruned"), str(tmp_path / "dense"), str(tmp_path)),
              nprocs=world, join=True)  # fmt: skip
-    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     student, teacher = ours_from(tmp_path / "pruned"), ours_from(tmp_path / "dense")
     expected = []  # per rank: the plain whole models on that rank's batch

@@ -73,17 +73,20 @@ def check_calibration_text(cfg: PruneConfig) -> None:
     if n == 0:
         raise ConfigError(f"model: {file} turns the calibration text ({', '.join(cfg.calibration.docs)}) into no "
                           f"tokens; is it the model's own tokenizer?")  # fmt: skip
-    if n < cfg.calibration.seq_len + 1:
-        raise ConfigError(f"calibration: {n} tokens in {list(cfg.calibration.docs)} is too few for "
-                          f"seq_len={cfg.calibration.seq_len}")  # fmt: skip
+    _check_enough_tokens(n, cfg)
+
+
+def _check_enough_tokens(n: int, cfg: PruneConfig) -> None:
+    c = cfg.calibration
+    if n < c.seq_len + 1:
+        raise ConfigError(f"calibration: {n} tokens in {list(c.docs)} is too few for seq_len={c.seq_len}")
 
 
 def calibration_batches(ids: torch.Tensor, cfg: PruneConfig, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
     import torch
 
     c = cfg.calibration
-    if ids.numel() < c.seq_len + 1:
-        raise ConfigError(f"calibration: {ids.numel()} tokens in {list(c.docs)} is too few for seq_len={c.seq_len}")
+    _check_enough_tokens(ids.numel(), cfg)
     g = torch.Generator().manual_seed(c.seed)
     starts = torch.randint(0, ids.numel() - c.seq_len, (c.samples,), generator=g).tolist()
     mine = starts[rank::world]  # each worker gets a share; the statistics are summed over workers

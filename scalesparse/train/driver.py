@@ -309,10 +309,11 @@ def _checked_inputs(cfg: Config, resume: str | None, run_dir: Path) -> tuple[Con
 def _finished(cfg: Config, start: Path | None, run_dir: Path) -> dict[str, Any] | None:
     """A resume whose checkpoint is already at train.steps has nothing to do: say so and return the run's
     summary, without starting Ray."""
-    if start is None or ckpt.read_state(start)["step"] < cfg.train.steps:
+    step = ckpt.read_state(start)["step"] if start is not None else None
+    if step is None or step < cfg.train.steps:
         return None
     summary_path = run_dir / "summary.json"
-    print(f"nothing to do: {start} is at step {ckpt.read_state(start)['step']}, train.steps is {cfg.train.steps} "
+    print(f"nothing to do: {start} is at step {step}, train.steps is {cfg.train.steps} "
           f"(raise train.steps to train on){'; its summary: ' + str(summary_path) if summary_path.is_file() else ''}",
           flush=True)  # fmt: skip
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {"run_dir": str(run_dir)}

@@ -17,7 +17,8 @@ Cases run in priority order (PRIORITY: the project against the lean compiled loo
 then RigL and MoE, then shape b), each in a clean state (engines and compiled graphs dropped, peak
 memory reset: every case's peak is its own), and the JSON, ratios included, is rewritten after every
 case, so a run cut short by its time limit keeps every figure it measured. With --budget-s a case
-whose expected time (the last case's, scaled by steps) no longer fits is recorded as not run.
+whose expected time (the last case's fixed seconds plus its seconds per step times the steps) no
+longer fits is recorded as not run.
 tokens/s of a project run is total tokens over total time after the warm-up steps, mask updates and
 all (RigL's cost is in those steps; a median of intervals would drop them).
 
@@ -272,9 +273,9 @@ def main() -> None:
             # RigL: ΔT=100 from step 20 → updates at 100 and 200 inside the timed steps 20..220
             steps = args.steps or ((220 if cuda else 40) if rigl else (60 if cuda else 20))
             warmup = 20 if cuda else 5
+            scale = 2 if name == "b" else 1  # shape b: ~2x the work a step (and to compile)
             if args.budget_s and last is not None:
                 left = args.budget_s - (time.monotonic() - t_start)
-                scale = 2 if name == "b" else 1  # shape b: ~2x the work a step (and to compile)
                 expected = scale * (last["overhead_s"] + last["s_per_step"] * steps)
                 if expected > left:
                     row[label] = {"not_run": f"the budget: ~{expected:.0f} s expected, {left:.0f} s left"}
@@ -294,7 +295,6 @@ def main() -> None:
                 continue
             wall = time.monotonic() - t_case
             s_per_step = GA * shape["micro"] * shape["seq_len"] / r["tokens_per_s"]
-            scale = 2 if name == "b" else 1
             # the next case's estimate: fixed cost (start, compilation, checkpoint) + its steps at this pace
             last = {"overhead_s": max(0.0, wall - steps * s_per_step) / scale, "s_per_step": s_per_step / scale}
             fpt = flops_per_token(shape, case.get("extra", {}))

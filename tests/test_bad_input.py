@@ -169,6 +169,13 @@ CASES = {
     "train: mask_from weights with a method that makes its own mask": (
         lambda c: ["train", c.config(sparsity={"method": "gmp", "mask_from": "weights"})],
         "sparsity.mask_from: 'weights' is not allowed; it needs sparsity.method static, set or rigl (not gmp)"),
+    "prune: owl with an N:M pattern": (lambda c: ["prune", "--model", str(c.tmp), "--pattern", "2:4", "--set",
+                                                  "layer_sparsity=owl", "--out", str(c.tmp / "o")],
+                                       "owl sets a sparsity per block"),  # fmt: skip
+    "prune: owl spread past [0, 1]": (lambda c: ["prune", "--model", str(c.tmp), "--sparsity", "0.05", "--set",
+                                                 "layer_sparsity=owl", "--out", str(c.tmp / "o")],
+                                      "would take some block beyond [0, 1] around sparsity 0.05"),  # fmt: skip
+    "config show: a folder": (lambda c: ["config", "show", str(c.tmp)], "is a folder; name a YAML config file"),
 }
 
 

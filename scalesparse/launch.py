@@ -15,6 +15,7 @@ import ipaddress
 import json
 import os
 import shlex
+import signal
 import socket
 import sys
 import threading
@@ -379,7 +380,7 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
     torch_config = _loopback_torch_config(backend) if _loopback_cluster() else TorchConfig(backend=backend)
     try:
         with _progress_board(progress) as board:
-            trainer = TorchTrainer(
+            trainer = _interruptible(TorchTrainer)(
                 entry,
                 train_loop_config={**args, "progress_board": board} if board else args,
                 torch_config=torch_config,
@@ -399,6 +400,20 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
             os.environ.pop(timeout_var, None)
         else:
             os.environ[timeout_var] = saved_timeout
+
+
+def _interruptible(trainer_cls: type) -> type:
+    """`trainer_cls` with Ctrl-C reaching the driver as KeyboardInterrupt. Ray Train's fit() installs
+    its own SIGINT handler on the main thread, which asks its controller to abort and then ends the
+    process with status 1 and no word; the driver instead says which checkpoint to continue from
+    (train/driver.py), and its exit stops the workers (a local Ray is shut down; on a cluster, the
+    job's actors share the driver's fate). tests/train/test_interrupt.py sends a real SIGINT."""
+
+    class Interruptible(trainer_cls):
+        def _register_sigint_handler(self, controller) -> None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    return Interruptible
 
 
 def _is_loopback(host: str) -> bool:

@@ -271,6 +271,29 @@ class _Repeats:
         return False
 
 
+_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _plain(text: str) -> str:
+    """`text` for a file or a pipe: without the colour codes Ray puts on its prefixes whatever the
+    stream is, and a line a worker's progress bar redrew with carriage returns in its final state
+    ("(pid=1) \\rA\\rB" → "(pid=1) B")."""
+    text = _COLOURS.sub("", text)
+    if "\r" not in text.rstrip("\r\n"):
+        return text
+    m = _FORWARDED.match(text)
+    prefix, body = (m.group(0), text[m.end():]) if m else ("", text)
+    drawn = [part for part in body.rstrip("\n").split("\r") if part.strip()]
+    return prefix + (drawn[-1] if drawn else "") + "\n"
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (ValueError, AttributeError):
+        return False
+
+
 class Console:
     """sys.stdout and sys.stderr while a run is on (a context manager): each whole line goes to
     `log_path` and, unless `routine`, to the terminal, above the progress bar (`bar`) if one is drawn.
@@ -287,6 +310,7 @@ class Console:
         self._log: TextIO | None = None
         self._repeats = _Repeats()
         self._tracebacks = _WorkerTracebacks()
+        self.last_forwarded: float | None = None  # when the last line Ray forwarded from a worker arrived
 
     def __enter__(self) -> Console:
         self._saved = (sys.stdout, sys.stderr)
@@ -298,6 +322,7 @@ class Console:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._drain()
         with self.lock:
             for stream in (sys.stdout, sys.stderr):
                 if isinstance(stream, _Lines):
@@ -313,17 +338,30 @@ class Console:
         with self.lock:
             if self._repeats.repeated(text):
                 return
+            if _FORWARDED.match(text):
+                self.last_forwarded = time.monotonic()
+            plain = _plain(text)
             if self._log is not None:
-                self._log.write(text)
+                self._log.write(plain)
             if routine(text) or self._tracebacks.hidden(text):
                 return
             bar = self.bar
             if bar is not None:
                 bar.clear()
-            real.write(text)
+            real.write(text if _isatty(real) else plain)  # a pipe or file gets no escape codes
             real.flush()
             if bar is not None:
                 bar.refresh()
+
+    def _drain(self, quiet_s: float = 2.0, limit_s: float = 8.0) -> None:
+        """Ray forwards the workers' last lines a moment after they finished (its log monitor tails
+        their files); once workers have spoken, wait until they have been quiet for `quiet_s` (at most
+        `limit_s`), so that no late line reaches the terminal past this Console, unfiltered."""
+        if self.last_forwarded is None:
+            return
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < min(deadline, self.last_forwarded + quiet_s):
+            time.sleep(0.05)
 
     def log_only(self, line: str) -> None:
         with self.lock:

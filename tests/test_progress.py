@@ -138,6 +138,18 @@ def test_console_keeps_routine_notices_in_the_log_only(tmp_path, capsys):
         assert kept in log
 
 
+def test_console_drops_rays_colour_codes_where_they_would_be_garbage(tmp_path, capsys):
+    coloured = "\x1b[36m(RayTrainWorker pid=7)\x1b[0m step 3: val_loss 5.1"
+    redrawn = "\x1b[36m(_GangMember pid=8)\x1b[0m \rwanda 50%:   0%| 0/2\rwanda 50%: 100%| 2/2"  # a worker's tqdm
+    with Console(tmp_path / "train.log"):
+        print(coloured)
+        print(redrawn)
+    assert capsys.readouterr().out == ("(RayTrainWorker pid=7) step 3: val_loss 5.1\n"  # captured: not a terminal
+                                       "(_GangMember pid=8) wanda 50%: 100%| 2/2\n")  # fmt: skip
+    assert "(RayTrainWorker pid=7) step 3: val_loss 5.1" in (tmp_path / "train.log").read_text()
+    assert "\x1b" not in (tmp_path / "train.log").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_train_piped_prints_plain_progress_lines(tmp_path, small_data):
@@ -154,3 +166,4 @@ def test_train_piped_prints_plain_progress_lines(tmp_path, small_data):
     assert steps == ["2", "4", "6"], proc.stdout[-3000:]
     assert "step 2/6" not in proc.stderr, "each line once, not also through Ray Train's logger"
     assert "\r" not in proc.stdout + proc.stderr and "it/s" not in proc.stdout
+    assert "\x1b[" not in proc.stdout + proc.stderr, "no colour codes in a pipe"  # (Ray colours its prefixes)

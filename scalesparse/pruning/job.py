@@ -102,6 +102,7 @@ def run_prune(cfg: PruneConfig, progress: bool = True, address: str | None = Non
         check_context(cfg, read_model_config(folder), str(folder / "config.json"))
     if cfg.workers > 1:
         from scalesparse import launch
+        from scalesparse.progress import Console
 
         launch.check_reachable(address)  # seconds, not minutes of retries
     _check_out(out)
@@ -113,9 +114,11 @@ def run_prune(cfg: PruneConfig, progress: bool = True, address: str | None = Non
     # a plain gang of Ray actors, not a Ray Train run: a one-shot job needs no restarts, and the gang
     # starts ~15 s sooner (most of what a second worker saves on a small model)
     gpus = 1.0 if cfg.device.startswith("cuda") else 0.0
-    launch.run_on_actors(_prune_worker, {"config": asdict(cfg), "progress": progress}, workers=cfg.workers,
-                         cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=gpus, name="prune",
-                         address=address)  # fmt: skip
+    # as in training: the workers' lines reach the terminal once, Ray's routine notices only prune.log
+    with Console(out / "prune.log"):
+        launch.run_on_actors(_prune_worker, {"config": asdict(cfg), "progress": progress}, workers=cfg.workers,
+                             cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=gpus, name="prune",
+                             address=address)  # fmt: skip
     return json.loads((out / "report.json").read_text())
 
 
@@ -142,6 +145,10 @@ def _prune(cfg: PruneConfig, progress: bool) -> dict:
     lead = comm.rank() == 0
     out = Path(cfg.out).expanduser()
     calib_text, eval_text = _text(cfg, cfg.calibration.docs), _text(cfg, cfg.eval.docs)
+    if not lead:  # one bar per step on the terminal, rank 0's (transformers draws one in every process)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tok = load_causal_lm(cfg.model, cfg.gguf_file, cfg.allow_pickle)
     find_blocks(model)  # unsupported architectures fail here, before any work
     check_context(cfg, model.config.to_dict(), cfg.model)

@@ -31,3 +31,32 @@ def test_two_workers_prune_exactly_like_one(exported, small_data, tmp_path, ray_
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
     assert [r["rel_error"] for r in two["layers"]] == pytest.approx([r["rel_error"] for r in one["layers"]], rel=1e-4)
+
+
+def test_the_prune_command_on_two_workers_prints_each_line_once_and_no_ray_notices(exported, small_data,  # noqa: F811
+                                                                                     tmp_path):  # fmt: skip
+    """What a user sees from `scalesparse prune --workers 2 … | tee`: the driver's Console (as in
+    training) keeps Ray's routine notices and colour codes in prune.log, off the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "out"
+    sets = ["calibration.samples=4", "calibration.seq_len=32", "eval.tokens=0",
+            f"data.cache_dir={small_data['cache_dir']}"] + ([f"data.path={small_data['path']}"] if "path" in small_data
+                                                            else [])  # fmt: skip
+    command = ["prune", "--model", str(exported), "--method", "magnitude", "--workers", "2", "--out", str(out)]
+    command += [a for x in sets for a in ("--set", x)]
+    proc = subprocess.run([sys.executable, "-m", "scalesparse", *command], cwd=REPO,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shown = proc.stdout + proc.stderr
+    assert "magnitude unstructured 50%" in proc.stdout, shown[-2000:]
+    assert "Token authentication" not in shown and "\x1b[" not in shown, shown[-3000:]
+    forwarded = [line for line in shown.splitlines() if "pid=" in line]
+    assert len(forwarded) == len(set(forwarded)) and all(line.count("pid=") == 1 for line in forwarded), shown
+    assert all(line.startswith(forwarded[0].split(")")[0]) for line in forwarded), "rank 0 alone draws bars"
+    assert "Token authentication" in (out / "prune.log").read_text()  # kept, in the log

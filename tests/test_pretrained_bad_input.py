@@ -80,7 +80,8 @@ def test_no_safetensors_pickles_refused(llama_dir, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text((llama_dir / "config.json").read_text())
     (folder / "pytorch_model.bin").write_bytes(b"")
-    refused("no \\*.safetensors weights \\(found pytorch_model.bin: pickled weights are not loaded", folder)
+    refused("pytorch_model.bin is a pickle, which can run code when loaded; convert it to safetensors or set "
+            "model.allow_pickle: true if you trust it", folder)  # fmt: skip
 
 
 def test_shape_changing_override_refused(llama_dir):

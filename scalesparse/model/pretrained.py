@@ -2,7 +2,9 @@
 and shape from the safetensors headers (no weights read), then copy weights into a built model.
 
 Loading reads one tensor at a time from memory-mapped safetensors shards and copies it into the
-parameter it belongs to, so the host never holds a second full copy of the model; nothing is unpickled.
+parameter it belongs to, so the host never holds a second full copy of the model; nothing is unpickled
+(pytorch_model*.bin only with model.allow_pickle, and then through torch.load's weights_only reader;
+a .gguf is converted once, in the driver, to a cached safetensors folder: model.gguf_file).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from scalesparse.model.families import Family, family_named, supported
 from scalesparse.model.families.upcycle import Upcycled
 
 INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Shape-defining fields: the folder sets them; a user's different value is refused, never silently used
 MODEL_DEFAULTS = ModelConfig()
 MOE_DEFAULTS = MoEConfig()
@@ -55,25 +58,37 @@ def family_of(hf: dict[str, Any], where: str) -> Family:
 
 
 class SafetensorsFiles:
-    """Which shard holds each tensor: from model.safetensors.index.json, else every *.safetensors."""
+    """Which shard holds each tensor: from model.safetensors.index.json, else every *.safetensors; with
+    `allow_pickle` and no safetensors, pytorch_model*.bin shards (read with weights_only: tensors only)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, allow_pickle: bool = False) -> None:
         self.folder = folder
         where = where_of(folder)
         index = folder / INDEX
+        self.pickled = False
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             self.shard_of = {name: folder / shard for name, shard in weight_map.items()}
-        else:
-            shards = sorted(folder.glob("*.safetensors"))
-            if not shards:
-                pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-                extra = f" (found {pickled[0]}: pickled weights are not loaded; save as safetensors)" if pickled else ""
-                raise ConfigError(f"{where} has no *.safetensors weights{extra}")
+        elif shards := sorted(folder.glob("*.safetensors")):
             self.shard_of = {}
             for shard in shards:
                 with safe_open(str(shard), "pt") as f:
                     self.shard_of.update({name: shard for name in f.keys()})  # noqa: SIM118
+        else:
+            pickled = sorted(folder.glob("pytorch_model*.bin"))
+            if not pickled:
+                other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+                extra = f" (found {other[0]}: not a transformers weights file)" if other else ""
+                raise ConfigError(f"{where} has no *.safetensors weights{extra}")
+            if not allow_pickle:
+                raise ConfigError(f"{where}: {pickled[0].name} is a pickle, which can run code when loaded; convert "
+                                  f"it to safetensors or set model.allow_pickle: true if you trust it")  # fmt: skip
+            self.pickled = True
+            if (folder / PICKLE_INDEX).is_file():
+                weight_map = json.loads((folder / PICKLE_INDEX).read_text())["weight_map"]
+                self.shard_of = {name: folder / shard for name, shard in weight_map.items()}
+            else:
+                self.shard_of = {name: shard for shard in pickled for name in _PickledShard(shard).keys()}
         self._open: dict[Path, Any] = {}
 
     def _file(self, name: str):
@@ -81,7 +96,7 @@ class SafetensorsFiles:
         if shard not in self._open:
             if not shard.is_file():
                 raise CheckpointError(f"{where_of(self.folder)}: shard {shard.name} (holding {name}) is missing")
-            self._open[shard] = safe_open(str(shard), "pt")
+            self._open[shard] = _PickledShard(shard) if self.pickled else safe_open(str(shard), "pt")
         return self._open[shard]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -89,6 +104,68 @@ class SafetensorsFiles:
 
     def get(self, name: str) -> torch.Tensor:
         return self._file(name).get_tensor(name)
+
+
+class _PickledShard:
+    """A pytorch_model*.bin shard as safe_open reads one: torch.load with weights_only (tensors and plain
+    containers only, no code), memory-mapped where the file's format allows."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            self.tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+    def get_slice(self, name: str):
+        return _Shaped(self.tensors[name])
+
+
+class _Shaped:
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def get_shape(self) -> list[int]:
+        return list(self.t.shape)
+
+
+def gguf_folder(folder: Path, gguf_file: str, cache_dir: str) -> Path:
+    """model.gguf_file: the GGUF converted once into a safetensors folder (cached under cache_dir/models,
+    keyed by the file's path, size and modification time), which is what the workers read."""
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    from scalesparse.assets import check_gguf_support, gguf_to_safetensors
+
+    path = folder / gguf_file
+    if not path.is_file():
+        raise ConfigError(f"model.gguf_file: {path} not found")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(cache_dir).expanduser() / "models"
+    out = root / f"{path.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    check_gguf_support()
+    print(f"model: converting {path.name} to safetensors once (transformers' GGUF reader, fp32) into {out}",
+          flush=True)  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:  # whole or not at all: renamed into place when complete
+        gguf_to_safetensors(folder, gguf_file, Path(tmp) / "model")
+        try:
+            os.replace(Path(tmp) / "model", out)
+        except OSError:  # converted concurrently by another run
+            shutil.rmtree(Path(tmp) / "model", ignore_errors=True)
+    return out
 
 
 def _refuse_overrides(user: Any, defaults: Any, fixed: dict[str, Any], section: str, where: str) -> None:
@@ -106,9 +183,11 @@ def resolve_pretrained(cfg: Config, tokenizer_vocab: int | None = None) -> Confi
     if not m.from_pretrained:
         return cfg
     folder = Path(m.from_pretrained).expanduser().resolve()
-    where = where_of(folder)
     if cfg.train.init_from:
         raise ConfigError("model.from_pretrained and train.init_from both name starting weights; keep one")
+    if m.gguf_file:
+        folder = gguf_folder(folder, m.gguf_file, cfg.data.cache_dir)
+    where = where_of(folder)
     hf = read_hf_config(folder)
     family = family_of(hf, where)
     fields = family.model_fields(hf, where)
@@ -118,7 +197,7 @@ def resolve_pretrained(cfg: Config, tokenizer_vocab: int | None = None) -> Confi
         fields["mlp"] = "moe"
     _refuse_overrides(m, MODEL_DEFAULTS, fields, "model", where)
     data = cfg.to_dict()
-    data["model"].update(fields, from_pretrained=str(folder))
+    data["model"].update(fields, from_pretrained=str(folder), gguf_file=None)
     moe = family.moe_fields(hf)
     if moe is not None:
         _refuse_overrides(cfg.moe, MOE_DEFAULTS, moe, "moe", where)
@@ -135,7 +214,7 @@ def resolve_pretrained(cfg: Config, tokenizer_vocab: int | None = None) -> Confi
                           f"{resolved.model.vocab_size} rows")  # fmt: skip
     if upcycle:
         family = Upcycled(family, resolved.moe.num_experts)
-    check_tensors(resolved, family, SafetensorsFiles(folder), where)
+    check_tensors(resolved, family, SafetensorsFiles(folder, m.allow_pickle), where)
     return resolved
 
 
@@ -188,11 +267,11 @@ def check_tensors(cfg: Config, family: Family, files: SafetensorsFiles, where: s
 
 
 @torch.no_grad()
-def load_pretrained(model: torch.nn.Module, folder: str | Path) -> None:
+def load_pretrained(model: torch.nn.Module, folder: str | Path, allow_pickle: bool = False) -> None:
     """Copy the folder's weights into `model` (built from the resolved config), one tensor at a time."""
     folder = Path(folder)
     family = adapter(family_of(read_hf_config(folder), where_of(folder)), model)
-    files = SafetensorsFiles(folder)
+    files = SafetensorsFiles(folder, allow_pickle)
     for name, p in model.named_parameters():  # a tied LM head is yielded once, as embed_tokens
         hf_names = family.hf_names(name, tuple(p.shape))
         if not hf_names:  # an upcycled model's router: not in the dense checkpoint, keeps its initialisation
@@ -222,7 +301,8 @@ def check_mask_source(cfg: Config) -> None:
     from scalesparse.model.gpt import GPT
 
     folder = Path(cfg.model.from_pretrained)
-    family, files = family_of(read_hf_config(folder), where_of(folder)), SafetensorsFiles(folder)
+    family = family_of(read_hf_config(folder), where_of(folder))
+    files = SafetensorsFiles(folder, cfg.model.allow_pickle)
     with torch.device("meta"):
         model = GPT(cfg.model, cfg.model.vocab_size, cfg.moe)
     sp = cfg.sparsity

@@ -276,7 +276,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     if cfg.model.from_pretrained and resume is None:  # a resumed run's weights come from its checkpoint
         from scalesparse.model.pretrained import load_pretrained
 
-        load_pretrained(model, cfg.model.from_pretrained)
+        load_pretrained(model, cfg.model.from_pretrained, cfg.model.allow_pickle)
     if cfg.train.init_from and resume is None:
         from scalesparse.export import load_weights
 

@@ -207,6 +207,10 @@ ROUTINE = [
     # its monitor thread's traceback when it cannot find the State API at all (a cluster on loopback)
     r"Failed to query Ray Train Controller actor state",
     r"^(?:\x1b\[[0-9;]*m)?\(PlacementGroupCleaner pid=",
+    # Ray Train's controller and workers starting a worker group (the driver's header said how many)
+    r"\(TrainController pid=\d+[^()]*\)(?:\x1b\[[0-9;]*m)? (?:Requesting resources: |Attempting to start training "
+    r"worker group |Started training worker group of size |- \(ip=[^()]*, pid=\d+\) world_rank=)",
+    r"\(RayTrainWorker pid=\d+[^()]*\)(?:\x1b\[[0-9;]*m)? Setting up process group for: ",
 ]
 ROUTINE_PATTERN = "|".join(f"(?:{p})" for p in ROUTINE)
 _ROUTINE = re.compile(ROUTINE_PATTERN)
@@ -322,7 +326,12 @@ class Console:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._drain()
+        try:
+            self._drain()
+        finally:  # (a second Ctrl-C while draining still restores the streams and closes the log)
+            self._restore()
+
+    def _restore(self) -> None:
         with self.lock:
             for stream in (sys.stdout, sys.stderr):
                 if isinstance(stream, _Lines):
@@ -343,7 +352,7 @@ class Console:
             plain = _plain(text)
             if self._log is not None:
                 self._log.write(plain)
-            if routine(text) or self._tracebacks.hidden(text):
+            if self._tracebacks.hidden(text) or routine(text):  # (hidden first: it follows every line)
                 return
             bar = self.bar
             if bar is not None:

@@ -127,6 +127,11 @@ def test_console_keeps_routine_notices_in_the_log_only(tmp_path, capsys):
         print("(RayTrainWorker pid=2) DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built ", end="")
         print("successfully")
         print("(RayTrainWorker pid=2) moe: experts run on the 'grouped' backend (moe.backend)")  # the driver said it
+        print("\x1b[36m(TrainController pid=3)\x1b[0m Requesting resources: {'CPU': 1.0} * 2")
+        print("(TrainController pid=3) Attempting to start training worker group of size 2 with the following ...")
+        print("(RayTrainWorker pid=2) Setting up process group for: env:// [rank=0, world_size=2]")
+        print("(TrainController pid=3) Started training worker group of size 2: ")
+        print("(TrainController pid=3) - (ip=127.0.0.1, pid=2) world_rank=0, local_rank=0, node_rank=0")
         sys.stderr.write("a real error\n")
         print("a line without its newline", end="")
     seen = capsys.readouterr()
@@ -134,7 +139,7 @@ def test_console_keeps_routine_notices_in_the_log_only(tmp_path, capsys):
     assert seen.err == "a real error\n"
     log = (tmp_path / "train.log").read_text()
     for kept in ("PreemptionWatcher", "Token authentication", "built successfully", "a real error", "model:",
-                 "experts run on the"):
+                 "experts run on the", "Requesting resources", "world_rank=0", "Setting up process group"):
         assert kept in log
 
 

@@ -28,8 +28,11 @@ def _text(cfg: PruneConfig, docs: tuple[str, ...]) -> str:
     return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in chosen)
 
 
+LOG = "prune.log"  # written while workers run (--workers N); a failed attempt's log is appended to, not refused
+
+
 def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOG for p in out.iterdir())):
         raise ConfigError(f"out: {out} exists and is not an empty folder; choose another")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -115,7 +118,7 @@ def run_prune(cfg: PruneConfig, progress: bool = True, address: str | None = Non
     # starts ~15 s sooner (most of what a second worker saves on a small model)
     gpus = 1.0 if cfg.device.startswith("cuda") else 0.0
     # as in training: the workers' lines reach the terminal once, Ray's routine notices only prune.log
-    with Console(out / "prune.log"):
+    with Console(out / LOG):
         launch.run_on_actors(_prune_worker, {"config": asdict(cfg), "progress": progress}, workers=cfg.workers,
                              cpus_per_worker=cfg.cpus_per_worker, gpus_per_worker=gpus, name="prune",
                              address=address)  # fmt: skip

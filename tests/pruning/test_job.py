@@ -135,3 +135,18 @@ def test_prune_with_owl_reports_each_blocks_sparsity(exported, small_data, tmp_p
     assert len(report["block_sparsity"]) == 2 and sum(report["block_sparsity"]) / 2 == pytest.approx(0.5)
     assert report["pruned_fraction_of_pruned_layers"] == pytest.approx(0.5, abs=0.01)
     assert "Layer sparsity: OWL (m = 5, λ = 0.08)" in (out / "report.md").read_text()
+
+
+def test_a_failed_attempts_log_does_not_block_the_next(tmp_path):
+    """`prune --workers N` logs into OUT/prune.log as it runs: a failed attempt leaves that file alone
+    there, and the corrected command must still be accepted (anything else in OUT is refused)."""
+    from scalesparse.errors import ConfigError
+    from scalesparse.pruning.job import LOG, _check_out
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOG).write_text("attempt 1\n")
+    _check_out(out)
+    (out / "model.safetensors").write_text("")
+    with pytest.raises(ConfigError, match="exists and is not an empty folder"):
+        _check_out(out)

@@ -363,7 +363,8 @@ class DistillConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
-    """Optimizer steps."""
+    """Optimizer steps; 0 = no training: the starting model is evaluated on the run's validation blocks
+    (as every run is at step 0) and the summary written, e.g. a one-shot pruned model's held-out loss."""
     global_batch_size: int = 32
     """Sequences per optimizer step, summed over workers and accumulation (fixed across world sizes)."""
     micro_batch_size: int = 8
@@ -406,9 +407,9 @@ class TrainConfig:
     """Knowledge distillation from a frozen teacher model (off unless distill.teacher is set)."""
 
     def _checks(self) -> Iterator[Problem]:
-        for name in ("steps", "global_batch_size", "micro_batch_size", "lr", "eps"):
+        for name in ("global_batch_size", "micro_batch_size", "lr", "eps"):
             yield from _positive(self, name)
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_every"):
+        for name in ("steps", "warmup_steps", "weight_decay", "grad_clip", "eval_every"):
             yield from _non_negative(self, name)
         yield from _in_unit(self, "min_lr_ratio", closed_high=True)
         yield from _in_unit(self, "beta1")

@@ -386,6 +386,8 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
             run_eval(state.step)
         if (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0) or last:
             save_checkpoint(checkpointer, engine, cfg, state, data, dst, experts)
+    if dst is not None and dst.pending:  # train.steps 0: no step logged the masks the model was evaluated with
+        logger.log(dst.take_log())
     if progress is not None:
         progress.close()
     logger.close()

@@ -18,14 +18,14 @@ def err(data, overrides=None) -> str:
 
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/**/*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    if path.name.startswith("prune-"):
-        from scalesparse.config import PruneConfig, load_prune_config
-
-        assert isinstance(load_prune_config(path), PruneConfig)
-    elif path.parent.name == "sweeps":
+    if path.parent.name == "sweeps":  # (before prune-*: configs/sweeps/prune-recover.yaml is a sweep)
         from scalesparse.sweep import load_sweep
 
         assert load_sweep(path).runs  # every run's config validated
+    elif path.name.startswith("prune-"):
+        from scalesparse.config import PruneConfig, load_prune_config
+
+        assert isinstance(load_prune_config(path), PruneConfig)
     else:
         assert isinstance(load_config(path), Config)
 

@@ -52,6 +52,7 @@ def sweep_report(folder: Path) -> Path:
 
     results: dict[str, Any] = json.loads((folder / "results.json").read_text())
     figures = [
+        (sp.ppl_by_point(results, folder / "ppl_by_point.png"), "Held-out perplexity per point, by position"),
         (sp.loss_curves(results, folder / "loss_curves.png"), "Loss curves, mean ± std band over seeds"),
         (sp.metric_vs_sparsity(results, folder / "ppl_vs_sparsity.png", "val_ppl", "validation perplexity",
                                "validation perplexity vs sparsity (mean ± std over seeds)"),
@@ -65,7 +66,10 @@ def sweep_report(folder: Path) -> Path:
     ]  # fmt: skip
     body = ["<h2>Results</h2>", _table(_markdown_rows(format_table(results))),
             "<p>Theoretical FLOPs count only the nonzero weights; the measured throughput is what this "
-            "implementation (dense kernels with masked weights) achieved.</p>"]  # fmt: skip
+            "implementation (dense kernels with masked weights) achieved. Wall time is each run's, plus the "
+            "one-shot pruning job's for points that start from a pruned model.</p>"]  # fmt: skip
+    if results.get("protocol"):
+        body.append(f"<p>{html.escape(results['protocol'])}</p>")
     for label, p in results["points"].items():
         if 0 < p["val_loss"]["n"] < MIN_SEEDS:
             body.append(f"<p class='warn'>warning: {html.escape(label)} has {p['val_loss']['n']} seed(s); "

@@ -75,6 +75,35 @@ def metric_vs_sparsity(results: dict[str, Any], out: Path, key: str, ylabel: str
     return _save(fig, out)
 
 
+def ppl_by_point(results: dict[str, Any], out: Path) -> Path | None:
+    """Held-out perplexity of every point (mean ± std over seeds), coloured by when it is sparse (the
+    position's first part): for sweeps that compare pruning with training, else None."""
+    if not any(p.get("prune") for p in results["points"].values()):
+        return None
+    plt = _plt()
+    shown = {label: p for label, p in results["points"].items() if p["val_ppl"]["n"]}
+    when = {label: p["position"].split(",")[0] for label, p in shown.items()}
+    colours = {w: f"C{i}" for i, w in enumerate(dict.fromkeys(when.values()))}
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(shown) + 1.2), dpi=110)
+    for i, (label, p) in enumerate(shown.items()):
+        ax.barh(i, p["val_ppl"]["mean"], xerr=p["val_ppl"]["std"], color=colours[when[label]], capsize=3)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=w) for w, c in colours.items()], fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.09), ncol=len(colours))  # below the axes: bars reach both sides
+    ax.set_yticks(range(len(shown)), list(shown), fontsize=7)
+    ax.invert_yaxis()
+    values = [p["val_ppl"]["mean"] for p in shown.values()]
+    wide = max(values) > 10 * min(values)  # one-shot 2:4 can be 30× the dense model: a log axis then
+    if wide:
+        ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.6g}"))
+    ax.set_xlabel(f"held-out perplexity ({'log scale; ' if wide else ''}mean ± std over seeds)")
+    ax.set_title("held-out perplexity per point")
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, out)
+
+
 def _dst_points(results: dict[str, Any]) -> dict[str, list[str]]:
     return {label: p["run_dirs"] for label, p in results["points"].items()
             if p["run_dirs"] and any("mask_hash" in r for r in read_metrics(Path(p["run_dirs"][0])))}  # fmt: skip
@@ -118,7 +147,8 @@ def dst_dynamics(results: dict[str, Any], out: Path) -> Path | None:
     for ax in (a, b):
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # (no churn yet: static masks, or runs shorter than ΔT)
+            ax.legend(fontsize=7)
     b.set_ylim(0, 1)
     return _save(fig, out)
 

@@ -59,4 +59,7 @@ def test_the_prune_command_on_two_workers_prints_each_line_once_and_no_ray_notic
     forwarded = [line for line in shown.splitlines() if "pid=" in line]
     assert len(forwarded) == len(set(forwarded)) and all(line.count("pid=") == 1 for line in forwarded), shown
     assert all(line.startswith(forwarded[0].split(")")[0]) for line in forwarded), "rank 0 alone draws bars"
-    assert "Token authentication" in (out / "prune.log").read_text()  # kept, in the log
+    # The log keeps the workers' lines. Whether Ray prints its token-authentication notice at all
+    # depends on the machine (CI's did not), so the notice's routing is tested in test_progress.py.
+    log = (out / "prune.log").read_text()
+    assert "magnitude 50%" in log and "pid=" in log, log[-2000:]

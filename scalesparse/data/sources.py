@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -98,9 +99,10 @@ def split_documents(docs: list[Path], val_docs: tuple[str, ...]) -> tuple[list[P
 def check_val_names(names: list[str], val_docs: tuple[str, ...]) -> None:
     for v in val_docs:
         if not any(n.startswith(v) for n in names):
-            shown = ", ".join(names[:8]) or "none have names: rows are named by position"
-            raise DataError(f"data.val_docs: no document starts with {v!r} (documents: {shown}, …); "
-                            f"name .txt documents, or set data.val_fraction (e.g. 0.01)")  # fmt: skip
+            shown = ", ".join(names[:8]) + (", …" if len(names) > 8 else "") if names else "none: hub rows are unnamed"
+            raise DataError(f"data.val_docs: no document starts with {v!r} (names: {shown}); name local files "
+                            f"(a .txt file is one document, another file's rows are held out with it), or set "
+                            f"data.val_fraction (e.g. 0.01)")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- formats
@@ -122,6 +124,7 @@ FORMATS.register(".parquet")(Format("parquet"))
 FORMATS.register(".arrow")(Format("arrow"))
 FORMATS.register(".csv")(Format("csv"))
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")  # datasets decompresses these on the fly
+DECOMPRESSORS = {".zst": "zstandard", ".lz4": "lz4"}  # the package datasets needs for each (others: stdlib)
 
 
 def suffix_of(path: Path) -> str:
@@ -152,6 +155,12 @@ def resolve_files(src: SourceConfig, where: str) -> list[Path]:
     for p in files:
         if p.stat().st_size == 0:
             raise DataError(f"{where}.path: {p} is empty")
+    for suffix in {p.suffix.lower() for p in files} & set(DECOMPRESSORS):
+        package = DECOMPRESSORS[suffix]
+        if importlib.util.find_spec(package) is None:
+            first = next(p for p in files if p.suffix.lower() == suffix)
+            raise DataError(f"{where}.path: {first} is {suffix}-compressed, which needs the {package} package; "
+                            f"pip install {package}, or decompress the files")  # fmt: skip
     return files
 
 
@@ -171,6 +180,17 @@ class Document:
     name: str
     text: str
     weight: float = 1.0
+    val: bool | None = None
+    """Held out for validation by name (data.val_docs); None: by a hash of the text (data.val_fraction)."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A batch of documents as read, and how far the reading is: `done` input bytes (the local files'
+    sizes, summed over sources; of `input_bytes(cfg)` where that is known)."""
+
+    docs: list[Document]
+    done: int
 
 
 @contextmanager
@@ -205,6 +225,11 @@ def _load(src: SourceConfig, cfg: DataConfig, where: str, files: list[Path] | No
     options = dict(fmt.options)
     if fmt.takes_encoding_errors:
         options["encoding_errors"] = cfg.encoding_errors
+        if fmt.builder == "json" and cfg.encoding_errors != "strict":
+            # datasets' JSON reader applies encoding_errors only when decoding from another encoding
+            # than "utf-8" (it hands UTF-8 bytes to pyarrow as they are): the alias "utf8" makes it
+            # decode with the policy and re-encode
+            options["encoding"] = "utf8"
     try:
         return datasets.load_dataset(fmt.builder, data_files=[str(p) for p in files], split="train",
                                      streaming=cfg.streaming, cache_dir=cache, **options)  # fmt: skip
@@ -235,42 +260,118 @@ def diagnose(files: list[Path], fmt: Format, cfg: DataConfig, where: str, error:
     return DataError(f"{where}: datasets could not read {files[0]}{' …' if len(files) > 1 else ''} ({reason})")
 
 
-def _check_field(ds, src: SourceConfig, where: str, files: list[Path] | None) -> None:
+def _check_field(ds, field: str, what: object, where: str) -> None:
     columns = ds.column_names
     if columns is None:  # a streaming source learns its columns from the first row
         first = next(iter(ds), None)
         columns = list(first) if first is not None else []
-    if src.text_field not in columns:
-        what = files[0] if files else src.hub
-        raise DataError(f"{where}.text_field: {what} has no field {src.text_field!r} (fields: "
+    if field not in columns:
+        raise DataError(f"{where}.text_field: {what} has no field {field!r} (fields: "
                         f"{', '.join(map(str, columns)) or 'none'}); set {where}.text_field")  # fmt: skip
 
 
-def read_source(src: SourceConfig, cfg: DataConfig, where: str, batch: int = 256) -> Iterator[Document]:
-    files = None if src.hub else resolve_files(src, where)
-    with quiet_datasets():
-        ds = _load(src, cfg, where, files)
-        _check_field(ds, src, where, files)
+def _arrow_files(ds) -> list[Path] | None:
+    """The Arrow files behind a (non-streaming) dataset as loaded, in row order; None when its rows are
+    not simply those files' rows in order (an indices mapping), or when it is an IterableDataset."""
+    if getattr(ds, "_indices", None) is not None:
+        return None
+    files = [Path(f["filename"]) for f in getattr(ds, "cache_files", None) or []]
+    return files or None
+
+
+def _column_batches(ds, field: str, streaming_bytes: bool) -> Iterator[tuple[list, float | None]]:
+    """(texts, fraction of the dataset read), batch by batch. An Arrow copy is read with a stream reader,
+    not memory-mapped as `datasets` does: a mapped file's pages count as the process's resident memory,
+    which would then grow with the corpus. A streamed dataset reports no fraction."""
+    arrow = None if streaming_bytes else _arrow_files(ds)
+    if arrow is None:
+        for rows in _quietly(ds.iter(batch_size=256)):
+            yield rows[field], None
+        return
+    import pyarrow as pa
+
+    total = sum(f.stat().st_size for f in arrow) or 1
+    before = 0
+    for path in arrow:
+        with pa.OSFile(str(path)) as f:
+            for batch in pa.ipc.open_stream(f):
+                yield batch.column(field).to_pylist(), (before + f.tell()) / total
+        before += path.stat().st_size
+
+
+def _groups(files: list[Path] | None, cfg: DataConfig) -> list[tuple[list[Path] | None, bool | None]]:
+    """The source's files in reading order, as groups read by one `datasets` call each, with the side
+    of every row in the group: held out by name (val_docs matching a file's name: all its rows), not
+    held out, or None (each document by its own name (.txt), or by hash with val_fraction)."""
+    if files is None:
+        return [(None, None if cfg.val_fraction > 0 else False)]
+    if cfg.val_fraction > 0 or FORMATS.get(suffix_of(files[0])).rows_are_files:
+        return [(files, None)]
+    groups: list[tuple[list[Path], bool]] = []
+    for p in files:
+        side = is_named(file_name(p), cfg.val_docs)
+        if groups and groups[-1][1] == side:
+            groups[-1][0].append(p)
+        else:
+            groups.append(([p], side))
+    return groups
+
+
+def file_name(path: Path) -> str:
+    """A file's document name for val_docs: its name up to the first dot (doc.jsonl.gz → doc)."""
+    return path.name.split(".")[0]
+
+
+def is_named(name: str, val_docs: tuple[str, ...]) -> bool:
+    return any(name.startswith(v) for v in val_docs)
+
+
+def read_source(src: SourceConfig, cfg: DataConfig, where: str,
+                files: list[Path] | None = None) -> Iterator[tuple[list[Document], int]]:  # fmt: skip
+    """Batches of the source's documents, each with the input bytes of the source read so far."""
+    if files is None and not src.hub:
+        files = resolve_files(src, where)
     rows_are_files = files is not None and FORMATS.get(suffix_of(files[0])).rows_are_files
+    plain_text = files is not None and all(_plain_text(p) for p in files)
+    done = 0
     n = 0
-    try:
-        for rows in _quietly(ds.iter(batch_size=batch)):
-            for text in rows[src.text_field]:
-                if rows_are_files:
-                    name = files[n].name.split(".")[0]
-                else:
-                    name = f"{where}#{n}"
-                n += 1
-                if text is None:
-                    continue
-                yield Document(name, str(text), src.weight)
-    except DataError:
-        raise
-    except Exception as e:  # a malformed row far into a streamed file surfaces only here
-        raise diagnose(files or [], FORMATS.get(suffix_of(files[0])) if files else Format("hub"), cfg, where,
-                       e) from None  # fmt: skip
+    for group, side in _groups(files, cfg):
+        group_bytes = sum(p.stat().st_size for p in group) if group else 0
+        with quiet_datasets():
+            ds = _load(src, cfg, where, group)
+        chars = 0
+        try:
+            with quiet_datasets():  # (a streamed source reads its first rows here: they may be malformed)
+                _check_field(ds, src.text_field, group[0] if group else src.hub, where)
+            for texts, fraction in _column_batches(ds, src.text_field, cfg.streaming):
+                docs = []
+                for text in texts:
+                    name = file_name(files[min(n, len(files) - 1)]) if rows_are_files else f"{where}#{n}"
+                    n += 1
+                    if text is None:
+                        continue
+                    text = str(text)
+                    chars += len(text)
+                    val = is_named(name, cfg.val_docs) if rows_are_files and cfg.val_fraction == 0 else side
+                    docs.append(Document(name, text, src.weight, val))
+                if fraction is not None:
+                    yield docs, done + int(group_bytes * fraction)
+                else:  # streamed: the text read stands for the bytes of plain-text files, else nothing is known
+                    yield docs, done + (min(chars, group_bytes) if plain_text else 0)
+        except DataError:
+            raise
+        except Exception as e:  # a malformed row far into a streamed file surfaces only here
+            fmt = FORMATS.get(suffix_of(files[0])) if files else Format("hub")
+            raise diagnose(group or [], fmt, cfg, where, e) from None
+        done += group_bytes
+        yield [], done  # the group is read, whatever the estimate within it said
     if rows_are_files and n != len(files):
         raise DataError(f"{where}: read {n} documents from {len(files)} .txt files; is one of them empty?")
+
+
+def _plain_text(path: Path) -> bool:
+    """A file whose text is (about) its bytes: what streaming has read can stand for its progress."""
+    return path.suffix.lower() not in COMPRESSED and FORMATS.get(suffix_of(path)).builder not in ("parquet", "arrow")
 
 
 def _quietly(rows: Iterator[dict]) -> Iterator[dict]:
@@ -284,36 +385,54 @@ def _quietly(rows: Iterator[dict]) -> Iterator[dict]:
         yield batch
 
 
-def read_corpus(paths: list[Path], cfg: DataConfig) -> Iterator[Document]:
-    """The registered corpus's documents, through the same `datasets` text reader as local .txt files."""
-    src = SourceConfig(path=str(paths[0]))
-    ds = _load(src, cfg, "data.path", paths)
-    n = 0
-    for rows in ds.iter(batch_size=64):
-        for text in rows["text"]:
-            yield Document(paths[n].stem, text)
-            n += 1
+def input_bytes(cfg: DataConfig) -> int | None:
+    """The bytes the reading will go through, when knowable: local files, read from an Arrow copy or
+    streamed as plain text; None otherwise (a progress bar without an ETA)."""
+    if not cfg.sources:
+        return sum(p.stat().st_size for p in fetch_corpus(cfg))
+    total = 0
+    for i, src in enumerate(cfg.sources):
+        if src.hub:
+            return None
+        files = resolve_files(src, f"data.sources[{i}]")
+        if cfg.streaming and not all(_plain_text(p) for p in files):
+            return None
+        total += sum(p.stat().st_size for p in files)
+    return total
+
+
+def read_rows(cfg: DataConfig) -> Iterator[Rows]:
+    """Every document of the configured data in a fixed order (sources in the order given, files sorted),
+    in batches, with how far the reading is."""
+    if not cfg.sources:
+        corpus = SourceConfig(path=str(Path(cfg.cache_dir) / "corpora"))
+        for docs, done in read_source(corpus, cfg, "data.path", fetch_corpus(cfg)):
+            yield Rows(docs, done)
+        return
+    before = 0
+    for i, src in enumerate(cfg.sources):
+        where = f"data.sources[{i}]"
+        files = None if src.hub else resolve_files(src, where)
+        for docs, done in read_source(src, cfg, where, files):
+            yield Rows(docs, before + done)
+        before += sum(p.stat().st_size for p in files) if files else 0
 
 
 def documents(cfg: DataConfig) -> Iterator[Document]:
     """Every document of the configured data, in a fixed order: sources in the order given, files sorted."""
-    if not cfg.sources:
-        yield from read_corpus(fetch_corpus(cfg), cfg)
-        return
-    for i, src in enumerate(cfg.sources):
-        yield from read_source(src, cfg, f"data.sources[{i}]")
+    for rows in read_rows(cfg):
+        yield from rows.docs
 
 
 def document_names(cfg: DataConfig) -> list[str]:
-    """Names that val_docs can match, known before reading anything: .txt documents are named by file."""
+    """Names that val_docs can match, known before reading anything: every local file's name (a .txt
+    file is a document; the rows of other files are held out with their file)."""
     if not cfg.sources:
         return [p.stem for p in fetch_corpus(cfg)]
     names: list[str] = []
     for i, src in enumerate(cfg.sources):
         if src.path:
-            files = resolve_files(src, f"data.sources[{i}]")
-            if FORMATS.get(suffix_of(files[0])).rows_are_files:
-                names += [p.name.split(".")[0] for p in files]
+            names += [file_name(p) for p in resolve_files(src, f"data.sources[{i}]")]
     return names
 
 

@@ -21,6 +21,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
                    "sentencepiece.bpe.model")  # fmt: skip
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
+IDS = np.dtype(np.int64)  # encode_arrays' default dtype; preparation asks for the token files' own
 
 
 class ByteTokenizer:
@@ -33,8 +34,8 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [list(t.encode("utf-8")) for t in texts]
 
-    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.frombuffer(t.encode("utf-8", "surrogatepass"), dtype=np.uint8) for t in texts]
+    def encode_arrays(self, texts: list[str], dtype: np.dtype = IDS) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8", "surrogatepass"), dtype=np.uint8).astype(dtype) for t in texts]
 
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -64,10 +65,11 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
-        # encode_batch runs in Rust threads (the GIL released); encode_batch_fast skips the offsets
+    def encode_arrays(self, texts: list[str], dtype: np.dtype = IDS) -> list[np.ndarray]:
+        # encode_batch runs in Rust threads (the GIL released; serially where TOKENIZERS_PARALLELISM is
+        # false, as in a preparation worker); encode_batch_fast skips the character offsets
         encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
-        return [np.asarray(e.ids, dtype=np.int64) for e in encode(texts, add_special_tokens=False)]
+        return [np.array(e.ids, dtype=dtype) for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids])

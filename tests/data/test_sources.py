@@ -1,14 +1,20 @@
-"""Documents from local files through `datasets`: formats, splits, weights, streaming, hub offline."""
+"""Documents from local files through `datasets`: formats, compressions, splits, weights, streaming,
+encoding errors, reading progress, hub offline."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import importlib.util
+import json
+import lzma
 
 import numpy as np
 import pytest
 
 from scalesparse.config import DataConfig, SourceConfig
 from scalesparse.data import load_tokenizer, prepare_data
+from scalesparse.data.sources import input_bytes, read_rows
 from scalesparse.errors import DataError
 from tests.data.helpers import DOCS, write_jsonl
 
@@ -54,10 +60,27 @@ def make_csv(path):
     return path
 
 
+def jsonl_bytes(texts=DOCS) -> bytes:
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+
+
 def make_gz(path):
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.writelines(__import__("json").dumps({"text": t}) + "\n" for t in DOCS)
+    with gzip.open(path, "wb") as f:
+        f.write(jsonl_bytes())
     return path
+
+
+def make_compressed(path, compress):
+    path.write_bytes(compress(jsonl_bytes()))
+    return path
+
+
+def make_arrow(folder):
+    """What `datasets` users hold: the Arrow file of Dataset.save_to_disk (beside its JSON metadata)."""
+    import datasets
+
+    datasets.Dataset.from_dict({"text": DOCS, "n": list(range(len(DOCS)))}).save_to_disk(str(folder))
+    return folder
 
 
 MAKERS = {
@@ -67,6 +90,9 @@ MAKERS = {
     "parquet": lambda tmp: str(make_parquet(tmp / "d.parquet")),
     "csv": lambda tmp: str(make_csv(tmp / "d.csv")),
     "jsonl.gz": lambda tmp: str(make_gz(tmp / "d.jsonl.gz")),
+    "jsonl.bz2": lambda tmp: str(make_compressed(tmp / "d.jsonl.bz2", bz2.compress)),
+    "jsonl.xz": lambda tmp: str(make_compressed(tmp / "d.jsonl.xz", lzma.compress)),
+    "arrow": lambda tmp: str(make_arrow(tmp / "saved")) + "/*.arrow",
 }
 
 
@@ -161,3 +187,79 @@ def test_a_hub_name_offline_fails_in_one_line(tmp_path, monkeypatch):
                                         r"data.sources\[0\].path at the local files") as e:  # fmt: skip
         prepare_data(cfg_for(tmp_path, {"hub": "someone/corpus"}))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_non_utf8_text_is_refused_or_replaced(kind, streaming, tmp_path):
+    """encoding_errors strict (the default) names the file and the byte; replace writes U+FFFD."""
+    (tmp_path / "c").mkdir()
+    bad = b"caf\xe9 au lait"
+    if kind == "txt":
+        (tmp_path / "c" / "a.txt").write_bytes(bad)
+        (tmp_path / "c" / "b.txt").write_bytes(b"fine")
+    else:
+        (tmp_path / "c" / "a.jsonl").write_bytes(b'{"text": "' + bad + b'"}\n{"text": "fine"}\n')
+    src = {"path": str(tmp_path / "c")}
+    with pytest.raises(DataError, match=rf"a\.{kind}: not UTF-8 at byte \d+; fix the file or set data.encoding_errors: "
+                                        "replace") as e:  # fmt: skip
+        prepare_data(cfg_for(tmp_path, src, streaming=streaming))
+    assert "\n" not in str(e.value)
+    p = prepare_data(cfg_for(tmp_path, src, streaming=streaming, encoding_errors="replace"))
+    assert sorted(decoded_documents(p)) == ["caf\ufffd au lait", "fine"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_val_docs_hold_out_whole_files_of_any_source(kind, streaming, tmp_path):
+    """A folder of part-*.jsonl and valid.jsonl: val_docs names the file, all its rows are held out."""
+    folder = tmp_path / "c"
+    folder.mkdir()
+    parts = {"part-0": DOCS[:2], "valid": DOCS[2:4], "part-1": DOCS[4:]}
+    for name, texts in parts.items():
+        if kind == "jsonl":
+            write_jsonl(folder / f"{name}.jsonl", texts)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"text": texts}), folder / f"{name}.parquet")
+    p = prepare_data(cfg_for(tmp_path, {"path": str(folder)}, val_fraction=0.0, val_docs=("valid",),
+                             streaming=streaming))  # fmt: skip
+    assert _train(p) == DOCS[:2] + DOCS[4:]  # in file order: part-0, part-1
+    assert set(decoded_documents(p)) - set(_train(p)) == set(DOCS[2:4])
+    assert json.loads((p.dir / "meta.json").read_text())["val_docs"] == 2
+
+
+def test_val_docs_without_named_files_is_refused_naming_val_fraction(tmp_path):
+    with pytest.raises(DataError, match=r"data.val_docs: no document starts with 'hamlet' \(names: none: hub rows "
+                                        r"are unnamed\); .* or set data.val_fraction"):  # fmt: skip
+        prepare_data(cfg_for(tmp_path, {"hub": "someone/corpus"}, val_fraction=0.0, val_docs=("hamlet",)))
+    path = MAKERS["jsonl"](tmp_path)
+    with pytest.raises(DataError, match=r"no document starts with 'valid' \(names: d\); name local files"):
+        prepare_data(cfg_for(tmp_path, {"path": path}, val_fraction=0.0, val_docs=("valid",)))
+
+
+@pytest.mark.parametrize("kind,streaming,known", [("jsonl", False, True), ("jsonl", True, True),
+                                                  ("parquet", False, True), ("jsonl.gz", True, False)])  # fmt: skip
+def test_reading_reports_its_progress_in_input_bytes(kind, streaming, known, tmp_path):
+    """The progress bar's ETA: bytes read of the local files' total, where that total means something."""
+    cfg = cfg_for(tmp_path, {"path": MAKERS[kind](tmp_path)}, {"path": MAKERS["txt folder"](tmp_path)},
+                  streaming=streaming)  # fmt: skip
+    total = input_bytes(cfg)
+    done = [r.done for r in read_rows(cfg)]
+    assert done == sorted(done)
+    if known:
+        files = [*tmp_path.glob("d.*"), *(tmp_path / "txt").iterdir()]
+        assert total == sum(f.stat().st_size for f in files) and done[-1] == total
+    else:
+        assert total is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("zstandard") is not None, reason="zstandard is installed")
+def test_zstd_files_without_zstandard_fail_in_one_line(tmp_path):
+    path = tmp_path / "d.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd" + jsonl_bytes())
+    with pytest.raises(DataError, match=r"data.sources\[0\].path: .*d.jsonl.zst is .zst-compressed, which needs "
+                                        r"the zstandard package; pip install zstandard, or decompress the files"):
+        prepare_data(cfg_for(tmp_path, {"path": str(path)}))

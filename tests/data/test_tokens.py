@@ -1,4 +1,5 @@
-"""Token files: dtype by vocabulary (no id is ever truncated), exact read-back, a verified cache."""
+"""Token files: dtype by vocabulary (no id is ever truncated), exact read-back, a verified cache (sampled on
+every load, in full at write time and on request)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 
 from scalesparse.config import DataConfig, SourceConfig
 from scalesparse.data import PreparedData, TokenBlocks, prepare_data, token_dtype
-from scalesparse.data.tokens import TokenWriter, open_tokens
+from scalesparse.data.__main__ import main as data_cli
+from scalesparse.data.tokens import SAMPLE_BYTES, TokenWriter, open_tokens, sample_offsets, verify
 from tests.data.helpers import word_level_tokenizer
 
 
@@ -64,14 +66,10 @@ def test_a_corrupt_or_half_written_cache_is_rebuilt_with_a_notice(big_vocab, cap
     good = p.train_path.read_bytes()
     capsys.readouterr()
 
-    with open(p.train_path, "r+b") as f:  # same size, one flipped byte: only the checksum sees it
-        f.seek(200)
-        b = f.read(1)
-        f.seek(200)
-        f.write(bytes([b[0] ^ 1]))
+    flip(p.train_path, 200)  # same size, one flipped byte in a sampled block: only a digest sees it
     assert prepare_data(cfg) == p
     err = capsys.readouterr().err
-    assert "failed verification (train.npy does not match its sha256); rebuilding it" in err
+    assert "failed verification (train.npy does not match its sampled digest); rebuilding it" in err
     assert len(err.strip().splitlines()) == 1
     assert p.train_path.read_bytes() == good
 
@@ -86,6 +84,58 @@ def test_a_corrupt_or_half_written_cache_is_rebuilt_with_a_notice(big_vocab, cap
 
     assert prepare_data(cfg) == p  # verified: nothing said, nothing rebuilt
     assert capsys.readouterr().err == ""
+
+
+def flip(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 1]))
+
+
+def test_loading_checks_a_sample_and_the_full_check_reads_every_byte(tmp_path, capsys):
+    """A 6 MB token file: a load hashes 64 blocks of 64 KiB (4 MiB) spread over it; a flipped byte between
+    them passes the load's check and fails the full one (written at close, checked on request)."""
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    w = TokenWriter(folder / "train.npy", 50_000)
+    w.write(np.arange(3_000_000) % 50_000)
+    files = {"train.npy": w.close()}
+    (folder / "meta.json").write_text(__import__("json").dumps({"files": files}))
+    size = files["train.npy"]["bytes"]
+    offsets = sample_offsets(size)
+    assert len(offsets) == 64 and offsets[0] == 0 and offsets[-1] == size - SAMPLE_BYTES
+    assert verify(folder, files) is None and verify(folder, files, "full") is None
+
+    between = offsets[10] + SAMPLE_BYTES + 100  # in no sampled block
+    assert between < offsets[11]
+    flip(folder / "train.npy", between)
+    assert verify(folder, files) is None  # the load's check does not read it
+    assert verify(folder, files, "full") == "train.npy does not match its sha256"
+    assert data_cli(["verify", str(folder)]) == 1
+    assert capsys.readouterr().err.strip() == f"{folder}: train.npy does not match its sha256"
+
+    flip(folder / "train.npy", between)  # back as written
+    flip(folder / "train.npy", offsets[37] + 5)  # inside a sampled block
+    assert verify(folder, files) == "train.npy does not match its sampled digest"
+    flip(folder / "train.npy", offsets[37] + 5)
+    assert data_cli(["verify", str(folder)]) == 0 and capsys.readouterr().out.strip() == f"{folder}: ok"
+
+    older = {"train.npy": {k: v for k, v in files["train.npy"].items() if k != "sampled"}}  # before sampling
+    flip(folder / "train.npy", between)
+    assert verify(folder, older) == "train.npy does not match its sha256"  # checked in full
+
+
+def test_a_full_check_on_request_rebuilds_what_the_sample_missed(big_vocab, capsys):
+    cfg, _ = big_vocab
+    p = prepare_data(cfg)
+    good = p.train_path.read_bytes()
+    capsys.readouterr()
+    flip(p.train_path, len(good) - 1)
+    assert prepare_data(cfg, verify_level="full") == p
+    assert "train.npy does not match its sha256" in capsys.readouterr().err
+    assert p.train_path.read_bytes() == good
 
 
 def test_prepared_data_round_trips_through_a_dict():

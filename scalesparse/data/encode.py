@@ -1,0 +1,197 @@
+"""Documents → token pieces, in parallel: the corpus is cut into pieces of consecutive documents, a
+pool of `data.num_proc` worker processes encodes them (one tokenizer thread each, so N processes use
+N CPUs), each worker writing its piece's token files, and the driver appends the pieces in their
+order. A document's tokens depend on nothing but the document, so the token files are the same
+bytes for any number of processes.
+
+Each worker process starts fresh (spawn: no copy of the driver's threads or tokenizer pool) and loads
+the tokenizer from the file the driver saved. A corpus of one piece is encoded in the driver itself
+(the tokenizer's own threads), which keeps small corpora free of process start-up.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from scalesparse.data.sources import Document, Rows, unit_hash
+from scalesparse.data.tokenizers import load_tokenizer
+from scalesparse.data.tokens import token_dtype
+
+PIECE_CHARS = 2 << 20  # text per piece: small next to a worker's memory, large next to its per-piece cost
+PIECE_DOCS = 4096
+WEIGHT_SALT = b"scalesparse-weight"
+VAL_SALT = b"scalesparse-val"
+VAL_NAMES_KEPT = 100  # a sample of held-out names for meta.json, not millions
+
+
+def held_out(doc: Document, val_fraction: float) -> bool:
+    """Named (val_docs) or, with val_fraction, drawn by a hash of the text: a document keeps its side
+    when the corpus grows."""
+    if doc.val is not None:
+        return doc.val
+    return val_fraction > 0 and unit_hash(doc.text, VAL_SALT) < val_fraction
+
+
+def repeats(doc: Document) -> int:
+    """Copies of a training document in one pass: weight 2.5 → 2, plus a third for half of them (by hash)."""
+    whole, part = divmod(doc.weight, 1.0)
+    return int(whole) + (part > 0 and unit_hash(doc.text, WEIGHT_SALT) < part)
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What a worker needs to rebuild the driver's tokenizer: its saved file and its special ids."""
+
+    path: str
+    eos_id: int
+    bos_id: int | None
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    index: int
+    docs: list[Document]
+    done: int
+    """Input bytes read when the piece was cut (for progress)."""
+
+
+@dataclass
+class PieceResult:
+    index: int
+    done: int
+    chars: int = 0
+    docs: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
+    files: dict[str, Path] = field(default_factory=dict)
+    """The token file written for each split that got tokens (raw ids of the final dtype, no header)."""
+    val_names: list[str] = field(default_factory=list)
+
+
+def pieces(rows: Iterator[Rows]) -> Iterator[Piece]:
+    """Consecutive documents, PIECE_CHARS of text or PIECE_DOCS documents at most each."""
+    docs: list[Document] = []
+    chars = done = index = 0
+    for batch in rows:
+        for d in batch.docs:
+            docs.append(d)
+            chars += len(d.text)
+            if chars >= PIECE_CHARS or len(docs) >= PIECE_DOCS:
+                yield Piece(index, docs, batch.done)
+                docs, chars, index = [], 0, index + 1
+        done = batch.done
+    if docs:
+        yield Piece(index, docs, done)
+
+
+class PieceEncoder:
+    """Encode a piece: [BOS] doc EOS per document, training documents `repeats` times, into one token
+    file per split under `out_dir`."""
+
+    def __init__(self, spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
+        self.spec, self.out_dir, self.val_fraction = spec, out_dir, val_fraction
+        self.tokenizer = load_tokenizer(Path(spec.path), spec.eos_id)
+        self.dtype = token_dtype(spec.vocab_size)
+
+    def __call__(self, piece: Piece) -> PieceResult:
+        result = PieceResult(piece.index, piece.done, chars=sum(len(d.text) for d in piece.docs))
+        ids = self.tokenizer.encode_arrays([d.text for d in piece.docs], self.dtype)
+        chosen: dict[str, list[tuple[np.ndarray, int]]] = {"train": [], "val": []}
+        for doc, doc_ids in zip(piece.docs, ids, strict=True):
+            split = "val" if held_out(doc, self.val_fraction) else "train"
+            chosen[split].append((doc_ids, 1 if split == "val" else repeats(doc)))
+            result.docs[split] += 1
+            if split == "val" and len(result.val_names) < VAL_NAMES_KEPT:
+                result.val_names.append(doc.name)
+        for split, parts in chosen.items():
+            tokens = self._pack(parts)
+            if tokens.size:
+                assert int(tokens.max()) < self.spec.vocab_size, "a token id outside the tokenizer's vocabulary"
+                path = self.out_dir / f"{piece.index:08d}.{split}"
+                tokens.tofile(path)
+                result.files[split], result.tokens[split] = path, int(tokens.size)
+        return result
+
+    def _pack(self, parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+        """[BOS] ids EOS for each (ids, copies), `copies` times each, back to back."""
+        extra = 1 + (self.spec.bos_id is not None)
+        out = np.empty(sum((ids.size + extra) * n for ids, n in parts), dtype=self.dtype)
+        at = 0
+        for ids, copies in parts:
+            for _ in range(copies):
+                if self.spec.bos_id is not None:
+                    out[at] = self.spec.bos_id
+                    at += 1
+                out[at : at + ids.size] = ids
+                out[at + ids.size] = self.spec.eos_id
+                at += ids.size + 1
+        return out
+
+
+def encode_pieces(parts: Iterator[Piece], spec: TokenizerSpec, out_dir: Path, val_fraction: float,
+                  num_proc: int) -> Iterator[PieceResult]:  # fmt: skip
+    """The pieces' results in piece order. With num_proc > 1 and more than one piece, a pool of worker
+    processes encodes them, at most 2 × num_proc pieces in flight (the corpus is never whole in memory)."""
+    it = iter(parts)
+    head = [p for p in (next(it, None), next(it, None)) if p is not None]
+    if num_proc <= 1 or len(head) < 2:
+        encoder = PieceEncoder(spec, out_dir, val_fraction)
+        yield from (encoder(p) for p in chain(head, it))
+        return
+    with _WorkerPool(num_proc, spec, out_dir, val_fraction) as pool:
+        window: deque[Future] = deque()
+        for piece in chain(head, it):
+            window.append(pool.submit(piece))
+            if len(window) >= 2 * num_proc:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+_encoder: PieceEncoder | None = None  # one per worker process, built by _start_worker
+
+
+def _start_worker(spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
+    global _encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: N processes, N CPUs
+    _encoder = PieceEncoder(spec, out_dir, val_fraction)
+
+
+def _encode_in_worker(piece: Piece) -> PieceResult:
+    assert _encoder is not None, "the worker was started without its encoder"
+    return _encoder(piece)
+
+
+class _WorkerPool:
+    """A process pool that, when left by an exception (a failed piece, Ctrl-C, the consumer gone),
+    stops its workers at once instead of letting them finish their pieces."""
+
+    def __init__(self, num_proc: int, spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
+        spawn = multiprocessing.get_context("spawn")
+        self.executor = ProcessPoolExecutor(num_proc, mp_context=spawn, initializer=_start_worker,
+                                            initargs=(spec, out_dir, val_fraction))  # fmt: skip
+
+    def submit(self, piece: Piece) -> Future:
+        return self.executor.submit(_encode_in_worker, piece)
+
+    def __enter__(self) -> _WorkerPool:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.executor.shutdown(wait=True)
+            return
+        for process in list(getattr(self.executor, "_processes", {}).values()):
+            process.terminate()
+        self.executor.shutdown(wait=True, cancel_futures=True)

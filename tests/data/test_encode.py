@@ -1,0 +1,65 @@
+"""Parallel encoding: a pool of worker processes writes the pieces; the token files are the same bytes
+for any number of processes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scalesparse.config import DataConfig, SourceConfig
+from scalesparse.data import encode, prepare_data
+from scalesparse.data.encode import Piece, pieces
+from scalesparse.data.sources import Document, Rows
+from tests.data.helpers import word_level_tokenizer, write_jsonl
+
+
+def test_pieces_are_consecutive_documents_cut_by_text_and_count(monkeypatch):
+    monkeypatch.setattr(encode, "PIECE_CHARS", 10)
+    monkeypatch.setattr(encode, "PIECE_DOCS", 3)
+    rows = [Rows([Document(f"d{i}", "x" * n) for i, n in enumerate([4, 4, 4])], 30),
+            Rows([Document("d3", "y"), Document("d4", "z"), Document("d5", "w"), Document("d6", "v")], 60)]  # fmt: skip
+    got = list(pieces(iter(rows)))
+    assert [[d.name for d in p.docs] for p in got] == [["d0", "d1", "d2"], ["d3", "d4", "d5"], ["d6"]]
+    assert [p.index for p in got] == [0, 1, 2] and [p.done for p in got] == [30, 60, 60]
+    assert isinstance(got[0], Piece)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """120 documents of w-words in two sources (one weighted 1.5: repeats by hash), a tokenizer with BOS."""
+    tok = word_level_tokenizer(tmp_path / "tok" / "tokenizer.json", 50, eos="</s>", bos="<s>")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": "<s>"}))
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{j}" for j in rng.integers(0, 50, rng.integers(1, 40))) for _ in range(120)]
+    a = write_jsonl(tmp_path / "a" / "part.jsonl", texts[:70])
+    b = write_jsonl(tmp_path / "b" / "part.jsonl", texts[70:])
+
+    def cfg(num_proc: int) -> DataConfig:
+        return DataConfig(sources=(SourceConfig(path=str(a)), SourceConfig(path=str(b), weight=1.5)), tokenizer="hf",
+                          tokenizer_path=str(tok), val_fraction=0.2, num_proc=num_proc,
+                          cache_dir=str(tmp_path / f"cache-{num_proc}"))  # fmt: skip
+
+    return cfg, texts
+
+
+def test_token_files_are_the_same_bytes_for_1_2_and_3_processes(corpus, monkeypatch):
+    monkeypatch.setattr(encode, "PIECE_CHARS", 400)  # ~15 pieces: every worker gets several, out of order
+    cfg, texts = corpus
+    runs = [prepare_data(cfg(n)) for n in (1, 2, 3)]
+    one = runs[0]
+    for other in runs[1:]:
+        assert other.train_path.read_bytes() == one.train_path.read_bytes()
+        assert other.val_path.read_bytes() == one.val_path.read_bytes()
+        meta = [json.loads((p.dir / "meta.json").read_text()) for p in (one, other)]
+        assert [{k: m[k] for k in ("train_docs", "val_docs", "val_names", "train_tokens")} for m in meta] == [
+            {k: meta[0][k] for k in ("train_docs", "val_docs", "val_names", "train_tokens")}] * 2  # fmt: skip
+    assert not list(one.dir.glob("*pieces*")) and sorted(p.name for p in one.dir.iterdir()) == [
+        "meta.json", "tokenizer.json", "train.npy", "val.npy"]  # fmt: skip
+
+    ids = np.concatenate([np.load(one.train_path), np.load(one.val_path)])
+    docs = np.split(ids, np.flatnonzero(ids == one.eos_id) + 1)[:-1]  # [BOS] doc EOS each
+    assert all(d[0] == one.bos_id for d in docs)
+    words = {" ".join(f"w{i - 3}" for i in d[1:-1]) for d in docs}  # word wK has id K + 3
+    assert words == set(texts)

@@ -2,8 +2,12 @@
 cost against layer width.
 
 Part 1: SmolLM2-135M (scalesparse assets fetch smollm2-135m; Q4_1 weights dequantised to fp32), each
-method at 50% unstructured and 2:4, the same calibration (16 × 256 tokens of The Tempest) and the
-same evaluation (Hamlet, sliding windows; see each report.md) for all.
+method at 50% unstructured and 2:4 (`--patterns`), the same calibration (`--calibration`: 16 × 256
+tokens of The Tempest by default) and the same evaluation (Hamlet, sliding windows; see each
+report.md) for all; Wanda and magnitude with each `--layer-error` setting asked for (off by default,
+as in `scalesparse prune`); `--repeats` interleaved runs, medians, each run's 1-minute load average
+beside its time (on a shared machine the spread is the other users'). Pruning time is the walk
+alone (`prune_seconds`: no model loading, no perplexity), and each method's ratio to SparseGPT's.
 Part 2: SparseGPT on one random d×d layer with n calibration tokens: Hessian accumulation (∝ n·d²)
 and the solve (∝ d³) timed separately, for growing d.
 On a GPU (`--device cuda`): a LLaMA-7B-shaped decoder (hidden 4096, ffn 11008, 32 heads; random
@@ -16,6 +20,8 @@ method does only its own work (layer_error off): magnitude runs no calibration f
 per-column x² without Gram matrices; their reconstruction error is therefore not reported.
 
     .venv/bin/python benchmarks/prune.py [--methods ...] [--widths 256 512 1024 2048] [--out FILE]
+    .venv/bin/python benchmarks/prune.py --calibration 64 512 --patterns unstructured --layer-error false true \
+        --repeats 2 --skip-scaling --out benchmarks/results/prune_speed.json     # the README's speed rows
     .venv/bin/python benchmarks/prune.py --device cuda [--blocks 4] [--out FILE]
     .venv/bin/python benchmarks/prune.py --device cpu --llama-shape tiny    # the GPU part's plumbing
 """
@@ -27,6 +33,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,24 +44,64 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def real_model(args) -> list[dict]:
+    """Each method × pattern × error-report setting on SmolLM2-135M, `--repeats` times interleaved (the
+    machine may be shared: each run's load average is kept beside its time); the perplexities of the
+    repeats must agree (the pruning is deterministic)."""
     from scalesparse.assets import fetch_model
     from scalesparse.config import load_prune_config
+    from scalesparse.pruning import PRUNERS
     from scalesparse.pruning.job import run_prune
 
     model = fetch_model("smollm2-135m")
-    rows = []
+    samples, seq_len = args.calibration
+    cases = []
+    for pattern in args.patterns:
+        for method in args.methods:
+            # SparseGPT's error report is free (its Hessian is the Gram matrix): one setting is enough
+            reports = [True] if PRUNERS.get(method).needs_gram else args.layer_error
+            cases += [(pattern, method, le) for le in reports]
+    runs: dict[tuple, list[dict]] = {c: [] for c in cases}
     with tempfile.TemporaryDirectory() as tmp:
-        for pattern in (None, "2:4"):
-            for method in args.methods:
-                sets = [f"model={model}", f"method={method}", "sparsity=0.5", f"out={tmp}/{method}-{pattern}",
-                        f"eval.tokens={args.eval_tokens}"]  # fmt: skip
-                if pattern:
+        for k in range(args.repeats):
+            for pattern, method, le in cases:
+                out = f"{tmp}/{k}-{method}-{pattern}-{le}".replace(":", "of")
+                sets = [f"model={model}", f"method={method}", "sparsity=0.5", f"out={out}",
+                        f"eval.tokens={args.eval_tokens}", f"calibration.samples={samples}",
+                        f"calibration.seq_len={seq_len}", f"layer_error={str(le).lower()}"]  # fmt: skip
+                if pattern != "unstructured":
                     sets.append(f"pattern={pattern}")
+                load = os.getloadavg()[0]
                 r = run_prune(load_prune_config(None, sets), progress=False)
-                rows.append({k: r[k] for k in ("method", "pattern", "sparsity", "ppl_before", "ppl_after",
-                                               "prune_seconds", "wall_seconds", "calibration", "eval")})  # fmt: skip
-                print(f"{method:>9} {pattern or 'unstructured':>12}: ppl {r['ppl_before']:.2f} → {r['ppl_after']:.2f} "
-                      f"(pruning {r['prune_seconds']:.0f} s)", flush=True)  # fmt: skip
+                r["loadavg_1min"] = [load, os.getloadavg()[0]]  # before and after the run
+                runs[(pattern, method, le)].append(r)
+                print(f"round {k}: {method:>9} {pattern:>12} layer_error={le!s:5}: ppl {r['ppl_before']:.2f} → "
+                      f"{r['ppl_after']:.2f}, pruning {r['prune_seconds']:.1f} s "
+                      f"(load {load:.1f} → {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
+    rows = []
+    for (pattern, method, le), rs in runs.items():
+        ppls = {r["ppl_after"] for r in rs}
+        assert len(ppls) == 1, f"{method} {pattern}: the repeats' perplexities differ: {ppls}"
+        first = rs[0]
+        rows.append({"method": method, "pattern": None if pattern == "unstructured" else pattern,
+                     "sparsity": first["sparsity"], "layer_error": le,
+                     "rel_error_reported": any(x["rel_error"] is not None for x in first["layers"]),
+                     "ppl_before": first["ppl_before"], "ppl_after": first["ppl_after"],
+                     "prune_seconds": statistics.median(r["prune_seconds"] for r in rs),
+                     "prune_seconds_min": min(r["prune_seconds"] for r in rs),
+                     "samples": [{"prune_seconds": r["prune_seconds"], "wall_seconds": r["wall_seconds"],
+                                  "phase_seconds": r["phase_seconds"], "loadavg_1min": r["loadavg_1min"]}
+                                 for r in rs],
+                     "calibration": first["calibration"], "eval": first["eval"]})  # fmt: skip
+    for pattern in args.patterns:
+        key = None if pattern == "unstructured" else pattern
+        ref = next((r for r in rows if r["method"] == "sparsegpt" and r["pattern"] == key), None)
+        for r in rows:
+            if ref and r["pattern"] == key:
+                r["vs_sparsegpt"] = r["prune_seconds"] / ref["prune_seconds"]
+                r["vs_sparsegpt_min"] = r["prune_seconds_min"] / ref["prune_seconds_min"]
+                print(f"{r['method']:>9} {pattern:>12} layer_error={r['layer_error']!s:5}: median "
+                      f"{r['prune_seconds']:.1f} s = {r['vs_sparsegpt']:.2f}× SparseGPT "
+                      f"(fastest runs {r['vs_sparsegpt_min']:.2f}×), ppl {r['ppl_after']:.2f}", flush=True)  # fmt: skip
     return rows
 
 
@@ -70,7 +117,6 @@ def workers(args) -> dict:
     start, pruning, saving), as a user sees it.
     """
     import subprocess
-    import sys
 
     import ray
 
@@ -204,6 +250,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt"])
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--calibration", type=int, nargs=2, default=[16, 256], metavar=("SAMPLES", "SEQ_LEN"),
+                    help="calibration of the real-model part (the prune config's default: 16 × 256)")
+    ap.add_argument("--patterns", nargs="+", default=["unstructured", "2:4"], help="real-model part")
+    ap.add_argument("--layer-error", nargs="+", default=["false"], choices=["false", "true"],
+                    help="prune.layer_error settings to time for Wanda and magnitude (SparseGPT's report is free)")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the real-model runs (medians)")
+    ap.add_argument("--skip-scaling", action="store_true", help="leave out SparseGPT's cost against layer width")
     ap.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--tokens", type=int, default=4096, help="calibration tokens for the scaling sweep")
     ap.add_argument("--skip-real", action="store_true")
@@ -219,6 +272,7 @@ def main() -> None:
     ap.add_argument("--no-tf32", dest="tf32", action="store_false", help="full fp32 matmuls on the GPU")
     ap.add_argument("--out", help="default benchmarks/results/prune.json (prune_cuda.json with --device cuda)")
     args = ap.parse_args()
+    args.layer_error = [x == "true" for x in args.layer_error]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.device.startswith("cuda") or args.llama_shape != "7b":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -241,8 +295,11 @@ def main() -> None:
         print(f"wrote {out_path}")
         return
     out = {"benchmark": "prune", "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-           "real_model": [] if args.skip_real else real_model(args), "sparsegpt_scaling": scaling(args),
+           "command": " ".join(["benchmarks/prune.py", *sys.argv[1:]]),
+           "machine": {"name": f"{os.cpu_count()}-core CPU", "cpus": os.cpu_count(), "platform": platform.platform(),
+                       "torch": torch.__version__},
+           "real_model": [] if args.skip_real else real_model(args),
+           "sparsegpt_scaling": None if args.skip_scaling else scaling(args),
            "workers": workers(args) if args.workers else None}  # fmt: skip
     out_path.write_text(json.dumps(out, indent=1))
     print(f"wrote {out_path}")

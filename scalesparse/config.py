@@ -783,10 +783,12 @@ class PruneConfig:
     """Where the block being pruned is materialised (cpu or cuda); the rest of the model stays on CPU."""
     allow_pickle: bool = False
     """Allow loading pytorch_model.bin (a pickle: only for files you trust)."""
-    layer_error: bool = True
-    """Report each layer's relative reconstruction error. SparseGPT's is free (its Hessian is the
-    same Σxxᵀ); for Wanda and magnitude it costs the Gram sums, most of their walk: false skips it
-    there (magnitude then runs no calibration forward at all)."""
+    layer_error: bool = False
+    """Report every layer's relative reconstruction error ‖(W − Ŵ)X‖² / ‖WX‖² on the calibration
+    inputs. SparseGPT's is always reported (its Hessian is the same Σxxᵀ: free); for Wanda and
+    magnitude it costs the Gram sums Σxxᵀ (on SmolLM2-135M, 64 × 512 tokens: Wanda's pruning takes
+    about 1.5× as long, magnitude's minutes instead of a second), so it is off unless asked for; off,
+    their report gives each layer's sparsity and seconds, and magnitude runs no calibration forward."""
 
     def _checks(self) -> Iterator[Problem]:
         if not self.model:

@@ -112,44 +112,95 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Te
     return out[0] if isinstance(out, tuple) else out
 
 
-class Grams:
-    """Σxxᵀ (float64) per distinct layer input, for the error report and SparseGPT's Hessian.
+class SharedInputs:
+    """One calibration pass through a block: each distinct layer input's statistics, gathered once.
 
-    q, k and v read the same tensor, as do gate and up: their Gram matrix, the walk's main cost
-    (n·d² per input), is computed, stored and all-reduced once. Which layers share an input is seen
-    on the first batch and is the same for every batch.
+    q, k and v read the same tensor, as do gate and up: the first layer to see a tensor leads its
+    group, its pruner's `add_batch` runs and, with `gram`, its group's Σxxᵀ (float64; the walk's main
+    cost, n·d² per input) is added; the group's other pruners copy the leader's sums afterwards
+    (`share`). Which layers share an input, and which layer runs last, is seen on the first batch and
+    is the same for every batch. From the second batch on, the pass stops where the last layer's
+    input has been recorded: that layer's product and the rest of the block are never computed (a
+    quarter of a Llama block's matmuls: down_proj). `stop_early=False` runs whole blocks (OWL's dense
+    pass needs their outputs).
     """
 
-    def __init__(self) -> None:
-        self.group: dict[str, int] = {}
-        self.sums: list[torch.Tensor] = []
-        self._batch: dict[int, tuple[torch.Tensor, int]] = {}  # id(input) → (input, group), one forward
+    def __init__(self, pruners: dict, gram: bool, stop_early: bool = True) -> None:
+        self.pruners, self.gram, self.stop_early = pruners, gram, stop_early
+        self.leader: dict[str, str] = {}  # layer name → the layer whose pruner gathers for its group
+        self.sums: dict[str, torch.Tensor] = {}  # leader → Σxxᵀ of its group's input
+        self._batch: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) → (input, leader), one forward
+        self._order: list[str] | None = []  # layers in the order they ran on the first batch
+        self.last: str | None = None  # the layer whose input ends a pass (None: run whole blocks)
 
-    def hook(self, name: str, pruner):
-        def record(_module, args, _out):
+    def hook(self, name: str):
+        def record(_module, args):  # a forward pre-hook: runs before the layer's own product
             x = args[0]
             hit = self._batch.get(id(x))
             if hit is None or hit[0] is not x:
-                if name not in self.group:
-                    self.group[name] = len(self.sums)
-                    self.sums.append(torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device))
-                # one batch's product in fp32 (as SparseGPT's reference code does; fp64 was most of the
-                # walk's time), summed over batches and workers in fp64 so the order of the sum barely
-                # matters; where the block runs (the GPU with --device cuda)
-                flat = x.reshape(-1, x.shape[-1]).float()
-                self.sums[self.group[name]].add_(flat.t() @ flat)  # fp32 → fp64 inside the add: no temporary
-                self._batch[id(x)] = (x, self.group[name])
+                assert self.leader.setdefault(name, name) == name, f"{name}: its input changed groups"
+                if self.gram:
+                    if name not in self.sums:
+                        self.sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64,
+                                                      device=x.device)  # fmt: skip
+                    # one batch's product in fp32 (as SparseGPT's reference code does; fp64 was most of
+                    # the walk's time), summed over batches and workers in fp64 so the order of the sum
+                    # barely matters; where the block runs (the GPU with --device cuda)
+                    flat = x.reshape(-1, x.shape[-1]).float()
+                    self.sums[name].add_(flat.t() @ flat)  # fp32 → fp64 inside the add: no temporary
+                self.pruners[name].add_batch(x)
+                self._batch[id(x)] = (x, name)
             else:
-                self.group.setdefault(name, hit[1])
-            pruner.add_batch(x)
+                assert self.leader.setdefault(name, hit[1]) == hit[1], f"{name}: its input changed groups"
+            if self._order is not None:
+                self._order.append(name)
+            elif name == self.last:
+                raise _Captured  # everything this pass needs is recorded
 
         return record
 
-    def next_batch(self) -> None:
+    def run(self, block: nn.Module, layers: dict[str, nn.Module], hidden: list[torch.Tensor], kwargs: dict,
+            device) -> list[torch.Tensor] | None:  # fmt: skip
+        """Every batch through the block with the statistics recorded; the block's outputs (on the
+        inputs' device) when the pass runs whole blocks, else None."""
+        handles = [m.register_forward_pre_hook(self.hook(n)) for n, m in layers.items()]
+        outputs = [] if not self.stop_early else None
+        try:
+            for h in hidden:
+                try:
+                    out = _run_block(block, h.to(device), kwargs)
+                    if outputs is not None:
+                        outputs.append(out.to(h.device))
+                except _Captured:
+                    pass
+                self._end_batch()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outputs
+
+    def _end_batch(self) -> None:
         self._batch.clear()
+        if self._order is not None:
+            # stop early only where each layer ran once (a layer called twice would lose its second call)
+            if self.stop_early and self._order and len(set(self._order)) == len(self._order):
+                self.last = self._order[-1]
+            self._order = None
+
+    def gram_sums(self) -> list[torch.Tensor]:
+        """The distinct Σxxᵀ, in the same order on every worker."""
+        return [self.sums[n] for n in sorted(self.sums)]
+
+    def share(self) -> None:
+        """Each follower's statistics := its leader's."""
+        for name, lead in self.leader.items():
+            if name != lead:
+                for mine, theirs in zip(self.pruners[name].stats(), self.pruners[lead].stats(), strict=True):
+                    mine.copy_(theirs)
 
     def of(self, name: str) -> torch.Tensor:
-        return self.sums[self.group[name]]
+        """Σxxᵀ of the layer's input."""
+        return self.sums[self.leader[name]]
 
 
 @torch.no_grad()
@@ -163,28 +214,17 @@ def dense_outlier_ratios(blocks, block_layers, hidden: list[torch.Tensor], kwarg
         block.to(device)
         layers = block_layers(i, block)
         norms = {n: PRUNERS.get("wanda")(layer) for n, layer in layers.items()}  # its per-column Σx²
-        handles = [layer.register_forward_hook(_statistics_only(n, norms[n])) for n, layer in layers.items()]
-        outputs = [_run_block(block, h.to(device), kwargs).to(h.device) for h in hidden]
-        for handle in handles:
-            handle.remove()
-        for p in norms.values():
-            comm.all_reduce_sum(p.sq_sum)
+        shared = SharedInputs(norms, gram=False, stop_early=False)
+        outputs = shared.run(block, layers, hidden, kwargs, device)
+        shared.share()
+        for stat in (s for p in norms.values() for s in p.stats()):
+            comm.all_reduce_sum(stat)
         scores = [weight_matrix(layer).detach().abs().float() * norms[n].sq_sum.sqrt().float() for n, layer in
                   layers.items()]  # fmt: skip
         ratios.append(outlier_ratio(scores, m) if scores else 0.0)
         hidden = outputs
         block.to(home)
     return ratios
-
-
-def _statistics_only(name: str, pruner):
-    """The forward hook of a walk without Gram sums: the method's own statistics only (Wanda's
-    per-column Σx²)."""
-
-    def record(_module, args, _out):
-        pruner.add_batch(args[0])
-
-    return record
 
 
 def relative_error(w0: torch.Tensor, w: torch.Tensor, xxt: torch.Tensor) -> float:
@@ -254,21 +294,17 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
         block.to(device)
         layers = block_layers(i, block)
         pruners = {n: cls(m, **(pruner_args or {}), external_gram=True) for n, m in layers.items()}
-        grams = Grams()
 
         t = time.perf_counter()
-        hook = grams.hook if with_gram else _statistics_only
-        handles = [m.register_forward_hook(hook(n, pruners[n])) for n, m in layers.items()]
-        for h in hidden:
-            grams.next_batch()
-            _run_block(block, h.to(device), kwargs)
-        grams.next_batch()
-        for handle in handles:
-            handle.remove()
+        shared = SharedInputs(pruners, gram=with_gram)
+        shared.run(block, layers, hidden, kwargs, device)
         t = report.timed("calibrate", t)
-        for stat in [*grams.sums, *(s for p in pruners.values() for s in p.stats())]:
-            comm.all_reduce_sum(stat)  # statistics are sums: add up every worker's share
-        xxt = {n: grams.of(n) for n in layers} if with_gram else {}
+        shared.share()
+        # statistics are sums: add up every worker's share (each Gram matrix once; every layer's own
+        # small sums, so that the list is the same on a worker that saw no batch)
+        for stat in [*shared.gram_sums(), *(s for p in pruners.values() for s in p.stats())]:
+            comm.all_reduce_sum(stat)
+        xxt = {n: shared.of(n) for n in layers} if with_gram else {}
         for n, p in pruners.items():
             if p.needs_gram:
                 p.xxt = xxt[n]
@@ -277,7 +313,8 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
         entries, t = _solve(layers, pruners, xxt, block_sparsity, nm, report, t, measured)
         measured = {n: e[3] for n, e in entries.items()}  # the same on every rank: the times were broadcast
         report.layers += [LayerReport(f"{prefix}.{i}.{n}", *entries[n]) for n in sorted(entries)]
-        hidden = [_run_block(block, h.to(device), kwargs).to(h.device) for h in hidden]  # pruned outputs feed on
+        if i + 1 < len(blocks):  # the pruned outputs feed the next block (the last block's are not needed)
+            hidden = [_run_block(block, h.to(device), kwargs).to(h.device) for h in hidden]
         report.timed("propagate", t)
         block.to(home)  # (synchronous from a GPU: the block's work is done when this returns)
         report.block_seconds.append(time.perf_counter() - t_block)
@@ -305,10 +342,10 @@ def _solve(layers, pruners, xxt, sparsity, nm, report: PruneReport, t: float, me
     for n in sorted(owners):
         if owners[n] == rank:
             t0 = time.perf_counter()
-            w0 = weight_matrix(layers[n]).detach().float().clone()  # on the solving device
+            w0 = weight_matrix(layers[n]).detach().float().clone() if n in xxt else None  # on the solving device
             w = pruners[n].prune(sparsity, nm)[1]
             # (a float: waits for the device to finish the solve); NaN on the wire where not computed
-            err = relative_error(w0, w, xxt[n]) if n in xxt else float("nan")
+            err = relative_error(w0, w, xxt[n]) if w0 is not None else float("nan")
             info = torch.tensor([err, time.perf_counter() - t0])
             solved[n] = torch.cat([w.reshape(-1).float().cpu(), info])
     t = report.timed("solve", t)

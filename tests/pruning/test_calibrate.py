@@ -122,3 +122,60 @@ def test_without_the_error_report_each_method_pays_only_for_what_it_uses(method)
     else:
         assert all(r.rel_error is None for r in got.layers) and all(r.rel_error > 0 for r in want.layers)
     assert (len(forwards) == 0) == (method == "magnitude")
+
+
+def reference_walk(model, method: str, sparsity: float) -> None:
+    """The walk without its economies: every layer gathers its own statistics (SparseGPT its own
+    Σxxᵀ) on whole-block forwards, and every block's pruned outputs are propagated."""
+    from scalesparse.pruning import PRUNERS
+    from scalesparse.pruning.calibrate import _run_block, capture_block_inputs
+
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        hidden, kwargs = capture_block_inputs(model, blocks, batches())
+        for block in blocks:
+            layers = linear_layers(block)
+            pruners = {n: PRUNERS.get(method)(m) for n, m in layers.items()}
+            handles = [m.register_forward_hook(lambda _m, args, _o, p=pruners[n]: p.add_batch(args[0]))
+                       for n, m in layers.items()]  # fmt: skip
+            for h in hidden:
+                _run_block(block, h, kwargs)
+            for handle in handles:
+                handle.remove()
+            for n, p in pruners.items():
+                weight_matrix(layers[n]).copy_(p.prune(sparsity)[1])
+            hidden = [_run_block(block, h, kwargs) for h in hidden]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "neox"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("layer_error", [True, False])
+def test_the_walk_prunes_exactly_as_each_layer_on_its_own(name, method, layer_error):
+    """Statistics gathered once per distinct input and shared, calibration passes that stop after the
+    last layer's input, no propagation past the last block: the same weights, bit for bit."""
+    want, got = family(name).eval(), family(name).eval()
+    reference_walk(want, method, 0.5)
+    prune_model(got, batches(), method, 0.5, progress=False, layer_error=layer_error)
+    for (n, a), b in zip(want.named_parameters(), got.parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_a_calibration_pass_reads_each_input_once_and_stops_after_the_last_layer(monkeypatch):
+    """Llama, 3 batches, 2 blocks: Wanda sums x² for 4 distinct inputs per batch (q/k/v share one, gate/up
+    another), not 7; down_proj (the last layer) runs in a calibration pass on the first batch only
+    (its input is all that pass needs), and in no propagation after the last block."""
+    from scalesparse.pruning.wanda import Wanda
+
+    model = family("llama").eval()
+    _, blocks = find_blocks(model)
+    gathered, runs = [], {}
+    add_batch = Wanda.add_batch
+    monkeypatch.setattr(Wanda, "add_batch", lambda self, x: (gathered.append(self.layer), add_batch(self, x)))
+    for i, b in enumerate(blocks):
+        for n, m in linear_layers(b).items():
+            m.register_forward_hook(lambda *_, key=(i, n): runs.__setitem__(key, runs.get(key, 0) + 1))
+    prune_model(model, batches(3), "wanda", 0.5, progress=False, layer_error=False)
+    assert len(gathered) == 2 * 4 * 3
+    # block 0: 3 calibration batches + 3 propagated; block 1: 3 calibration batches, nothing propagated
+    assert runs[(0, "self_attn.k_proj")] == 6 and runs[(1, "self_attn.k_proj")] == 3
+    assert runs[(0, "mlp.down_proj")] == 1 + 3 and runs[(1, "mlp.down_proj")] == 1

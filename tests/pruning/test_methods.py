@@ -136,3 +136,22 @@ def test_sparsegpt_solver_equals_the_textbook_algorithm(nm):
     ref_keep, ref_w = textbook_sparsegpt(lin.weight.detach(), x.t() @ x, x.shape[0], 0.5, nm)
     assert torch.equal(keep, ref_keep)
     torch.testing.assert_close(w, ref_w, rtol=0, atol=1e-5)
+
+
+def test_largest_per_row_keeps_what_a_stable_sort_keeps():
+    """Wanda's per-row selection from k-th values equals a stable descending sort's first k, ties
+    (many, from rounded scores), infinities and NaN included."""
+    from scalesparse.pruning.base import largest_per_row
+
+    g = torch.Generator().manual_seed(0)
+    for t in range(60):
+        rows, n = torch.randint(1, 12, (2,), generator=g).tolist()
+        s = torch.randint(0, 4, (rows, n), generator=g).float() if t % 2 else torch.randn(rows, n, generator=g)
+        if t % 5 == 0:
+            s[:, 0] = float("inf")
+        if t % 7 == 0:
+            s[0, -1] = float("nan")
+        for k in range(n + 1):
+            idx = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
+            want = torch.zeros_like(s, dtype=torch.bool).scatter_(1, idx, True)
+            assert torch.equal(largest_per_row(s, k), want), (s, k)

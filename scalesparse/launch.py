@@ -355,9 +355,10 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
     """Run `entry(args)` on `workers` Ray Train workers that share a torch process group.
 
     `start_timeout_s`: give up (raise) when a worker group cannot get its resources within that
-    time, instead of Ray Train's default of waiting and retrying forever; the caller can then
-    continue on fewer workers (fault_tolerance.elastic). `progress`: a view the driver feeds with
-    what rank 0 reports (args["progress_board"] tells the workers where to report)."""
+    time, instead of Ray Train's default of waiting and retrying forever, and at once when a node is
+    preempted (drained; Ray Train would restart at full size and wait that long for a replacement);
+    the caller can then continue on fewer workers (fault_tolerance.elastic). `progress`: a view the
+    driver feeds with what rank 0 reports (args["progress_board"] tells the workers where to report)."""
     # Logical CPUs: 2 workers × 1 CPU must fit on a 2-core laptop next to the driver. (Ray is
     # started before anything imports it: see init_ray.)
     _connect(address, workers * cpus_per_worker)
@@ -376,7 +377,7 @@ def run_on_workers(entry: Callable[[dict[str, Any]], None], args: dict[str, Any]
     saved_timeout = os.environ.get(timeout_var)
     if start_timeout_s is not None:  # read by Ray Train's controller, which the driver passes it to
         os.environ[timeout_var] = str(start_timeout_s)
-        failure = FailureConfig(max_failures=max_failures, controller_failure_limit=0)
+        failure = FailureConfig(max_failures=max_failures, controller_failure_limit=0, max_preemption_failures=0)
     torch_config = _loopback_torch_config(backend) if _loopback_cluster() else TorchConfig(backend=backend)
     try:
         with _progress_board(progress) as board:

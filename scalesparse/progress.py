@@ -223,32 +223,62 @@ def routine(line: str) -> bool:
 # A line Ray forwards from one of its processes: "(RayTrainWorker pid=123, ip=...) text", maybe colored
 _FORWARDED = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:[^()]*\s)?pid=\d+[^()]*\)(?:\x1b\[[0-9;]*m)?\s?")
 _TRACEBACK_GOES_ON = re.compile(r"^(?:Traceback |\s|$|During handling of the above|The above exception)")
+# Ray Train's controller deciding on a failed group: its errors, their tracebacks and the group's
+# shutdown follow, up to the controller's next start of a group (after a RETRY)
+_CONTROLLER_FAILED = re.compile(r"^\[FailurePolicy\]")
+_CONTROLLER_GOES_ON = re.compile(r"^(?:Requesting resources|Attempting to start training worker group)")
+# Ray Train's preemption watcher, on a node that drains (one line)
+_PREEMPTION_SEEN = re.compile(r"^PreemptionWatcher: preemption detected")
+# Ray's own processes, forwarded with a name instead of a pid: a raylet's account of a lost node ("The
+# node with node id ... has been marked dead", "Raylet is terminated ... Last 20 lines of the Raylet
+# logs:") or of workers it killed, the GCS's failed clean-up on a dead node; a message goes on in
+# indented lines of its own
+_RAY_PROCESS = re.compile(r"^(?:\x1b\[[0-9;]*m)?\((?:raylet|pid=gcs_server)(?:, ip=[^()]*)?\)")
 
 
-class _WorkerTracebacks:
-    """Ray Train prints a failed worker's traceback ("Error in training function:" and the lines after
-    it, from that process); the driver says the same in one line (and, with fault tolerance, what it
-    does next). Such a block stays in the log only."""
+class _FailureNotices:
+    """Ray's own account of a failure: a Ray Train worker's traceback ("Error in training function:"
+    and the lines after it, from that process), the controller's failure decision and what follows it,
+    the preemption watcher's notice, a raylet's or the GCS's report of a lost node or worker. The
+    driver says what failed in one line (and, with fault tolerance, what it does next); these stay in
+    the log only."""
 
     def __init__(self) -> None:
-        self.inside: set[str] = set()  # sources (the forwarded prefix) inside a traceback
+        self.inside: dict[str, str] = {}  # source (the forwarded prefix) → "traceback" or "controller"
+        self.message_goes_on = False  # the last line was a hidden message of one of Ray's own processes
 
     def hidden(self, text: str) -> bool:
+        if _RAY_PROCESS.match(text):
+            self.message_goes_on = True
+            return True
         m = _FORWARDED.match(text)
-        if m is None:
-            return False
+        if m is None:  # an unprefixed line: the rest of a hidden message when it is indented or blank
+            self.message_goes_on = self.message_goes_on and not text.rstrip("\n")[:1].strip()
+            return self.message_goes_on
+        self.message_goes_on = False
         source, body = m.group(0).strip(), text[m.end():].rstrip("\n")
         if body.startswith("Error in training function"):
-            self.inside.add(source)
+            self.inside[source] = "traceback"
             return True
-        if source not in self.inside:
+        if _CONTROLLER_FAILED.match(body):
+            self.inside[source] = "controller"
+            return True
+        if _PREEMPTION_SEEN.match(body):
+            return True
+        block = self.inside.get(source)
+        if block is None:
             return False
-        if _TRACEBACK_GOES_ON.match(body):
+        if block == "controller":
+            if not _CONTROLLER_GOES_ON.match(body):
+                return True
+        elif _TRACEBACK_GOES_ON.match(body):
             return True
-        if re.match(r"^[\w.]+(?:Error|Exception|Interrupt|Exit)\b", body):  # the exception itself: the block's end
+        elif re.match(r"^[\w.]+(?:Error|Exception|Interrupt|Exit)\b", body):  # the exception itself: the end
             return True  # (a chained one follows with "During handling...", matched above)
-        self.inside.discard(source)
+        del self.inside[source]
         return False
+
+
 REPEAT_WINDOW_S = 5.0
 
 
@@ -313,8 +343,9 @@ class Console:
         self._saved: tuple[TextIO, TextIO] | None = None
         self._log: TextIO | None = None
         self._repeats = _Repeats()
-        self._tracebacks = _WorkerTracebacks()
+        self._failures = _FailureNotices()
         self.last_forwarded: float | None = None  # when the last line Ray forwarded from a worker arrived
+        self.muted = False  # every line to the log only (set while a run is being stopped: see mute)
 
     def __enter__(self) -> Console:
         self._saved = (sys.stdout, sys.stderr)
@@ -352,7 +383,7 @@ class Console:
             plain = _plain(text)
             if self._log is not None:
                 self._log.write(plain)
-            if self._tracebacks.hidden(text) or routine(text):  # (hidden first: it follows every line)
+            if self._failures.hidden(text) or routine(text) or self.muted:  # (hidden first: it follows every line)
                 return
             bar = self.bar
             if bar is not None:
@@ -371,6 +402,13 @@ class Console:
         deadline = time.monotonic() + limit_s
         while time.monotonic() < min(deadline, self.last_forwarded + quiet_s):
             time.sleep(0.05)
+
+    def mute(self) -> None:
+        """From now on every line goes to the log only: while a run is stopped on purpose (Ctrl-C), Ray's
+        processes report, in their own words and tracebacks, that they were cut off (its Train controller:
+        'Failed to send resource request', GetTimeoutError); the driver says what happened in one line."""
+        with self.lock:
+            self.muted = True
 
     def log_only(self, line: str) -> None:
         with self.lock:

@@ -365,11 +365,15 @@ def run_training(cfg: Config, resume: str | None = None, address: str | None = N
     try:
         with Console(run_dir / "train.log") as console:
             view = ProgressView(cfg.logging.log_every, console) if cfg.logging.progress else None
-            shrunk = run_elastic(cfg, args, run_dir, address, view)
-    except KeyboardInterrupt:
-        from scalesparse import launch
+            try:
+                shrunk = run_elastic(cfg, args, run_dir, address, view)
+            except KeyboardInterrupt:
+                from scalesparse import launch
 
-        launch.shutdown_ray()  # the workers stop first: none finishes a newer checkpoint after this line
+                console.mute()  # Ray's processes' account of being stopped: train.log only
+                launch.shutdown_ray()  # the workers stop first: none finishes a newer checkpoint after this line
+                raise
+    except KeyboardInterrupt:
         latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
         where = (f"the latest complete checkpoint is {latest} (step {ckpt.read_state(latest)['step']}); continue "
                  f"with the same command and --resume auto" if latest else "no checkpoint was written yet")

@@ -143,6 +143,30 @@ def test_console_keeps_routine_notices_in_the_log_only(tmp_path, capsys):
         assert kept in log
 
 
+def test_ray_failure_notices_and_a_muted_console_stay_in_the_log(tmp_path, capsys):
+    """Ray's account of a failure (the Train controller's decision and its traceback, a raylet's report of
+    a lost node, the preemption watcher) stays in train.log; once the run is being stopped (mute), so
+    does every line, while the lines before it reach the terminal."""
+    with Console(tmp_path / "train.log") as console:
+        print("(TrainController pid=3) [FailurePolicy] RETRY: worker group failed")
+        print("(TrainController pid=3) Traceback (most recent call last):")
+        print("(TrainController pid=3)   File \"x.py\", line 1, in f")
+        print("(TrainController pid=3) ray.exceptions.ActorDiedError: The actor died")
+        print("(TrainController pid=3) Attempting to start training worker group of size 1 with the following ...")
+        print("(raylet, ip=127.0.0.1) The node with node id ab has been marked dead")
+        print("    Last 20 lines of the Raylet logs:")
+        print("(PreemptionWatcher pid=4) PreemptionWatcher: preemption detected on node ab")
+        print("fault tolerance: continuing on 1 from step_00000010")
+        console.mute()
+        print("(TrainController pid=3) Failed to send resource request for train-1.")
+        sys.stderr.write("(TrainController pid=3) Traceback (most recent call last):\n")
+    seen = capsys.readouterr()
+    assert seen.out == "fault tolerance: continuing on 1 from step_00000010\n" and seen.err == ""
+    log = (tmp_path / "train.log").read_text()
+    for kept in ("RETRY", "ActorDiedError", "marked dead", "Raylet logs", "preemption detected", "Failed to send"):
+        assert kept in log
+
+
 def test_console_drops_rays_colour_codes_where_they_would_be_garbage(tmp_path, capsys):
     coloured = "\x1b[36m(RayTrainWorker pid=7)\x1b[0m step 3: val_loss 5.1"
     redrawn = "\x1b[36m(_GangMember pid=8)\x1b[0m \rwanda 50%:   0%| 0/2\rwanda 50%: 100%| 2/2"  # a worker's tqdm

@@ -4,7 +4,13 @@ launch/README.md says), stopped by their process ids (never `ray stop`: other Ra
 machine are not ours).
 
 Everything of the cluster lives under one short temporary folder (Ray's socket paths sit inside
-it): RAY_TMPDIR (where `ray_current_cluster` is written and read), HOME (with ~/.ray/auth_token)."""
+it): RAY_TMPDIR (where `ray_current_cluster` is written and read), HOME (with ~/.ray/auth_token).
+Caches stay the user's (XDG_CACHE_HOME): DeepSpeed's compiled CPU collective op, matplotlib's font
+list; a fresh HOME would rebuild them in every cluster (measured: 2 min before the first step).
+
+The head's GCS declares a crashed node dead after 5 failed health checks 1 s apart (Ray's default:
+3 s apart), so that a test of a node crash does not wait out Ray's 15 s; a node that is alive but
+slow to answer (2 busy cores) still has 5 s per check, as by default."""
 
 from __future__ import annotations
 
@@ -30,7 +36,13 @@ RAY_START = [sys.executable, "-c", "import sys; from ray._private import ray_con
              "ray_constants.ENABLE_RAY_CLUSTER = True; services.resolve_ip_for_localhost = lambda host: host; "
              "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; sys.exit(main())"]  # fmt: skip
 RAY = str(Path(sys.executable).parent / "ray")
-DRAIN_TIMEOUT_S = 1.0  # a preemption notice's grace, shorter than the tests' runs
+# A preemption notice's grace (Ray's default: 30 s): long enough for Ray Train to see the node drain
+# (the test has its watcher poll every 0.2 s, its controller every 0.5 s), short beside the tests' runs
+# (the group trains on until then, and must not reach the end)
+DRAIN_TIMEOUT_S = 2.0
+# Read by the head's GCS (RayConfig, from RAY_<name>): how soon a node that stopped answering is dead
+NODE_DEATH_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "5000",
+                        "RAY_health_check_failure_threshold": "5"}  # fmt: skip
 
 
 def free_port() -> int:
@@ -55,6 +67,8 @@ class RayProcesses:
     head: subprocess.Popen | None = None
     second: subprocess.Popen | None = None
     logs: dict[str, Path] = field(default_factory=dict)
+    leftovers: list[int] = field(default_factory=list)
+    """Processes of a crashed second node (its `ray start` exits with its raylet; these live on)."""
 
     @property
     def address(self) -> str:
@@ -75,7 +89,8 @@ class RayProcesses:
         self.head = self._start("head", [
             "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.root / 'ray'}", *_ports()])  # fmt: skip
+            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.root / 'ray'}", *_ports()],
+            env=NODE_DEATH_DETECTION)  # fmt: skip
 
     def start_second(self) -> None:
         # SIGTERM drains the node first: its workers go on for up to this long (Ray's default: 30 s)
@@ -90,13 +105,16 @@ class RayProcesses:
             for name, proc in (("head", self.head), ("second", self.second)):
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"ray start ({name}) exited: {self.logs[name].read_text()[-2000:]}")
-            done = subprocess.run([*RAY_START, "status", f"--address={self.address}"], env=self.env,
-                                  capture_output=True, text=True, timeout=60)  # fmt: skip
-            if done.returncode == 0 and done.stdout.count(" node_") >= count:
-                return
+            try:  # (`ray status` can take a minute to answer on a busy machine: ask again)
+                done = subprocess.run([*RAY_START, "status", f"--address={self.address}"], env=self.env,
+                                      capture_output=True, text=True, timeout=60)  # fmt: skip
+                seen = f"{done.stdout[-1500:]}{done.stderr[-1500:]}"
+                if done.returncode == 0 and done.stdout.count(" node_") >= count:
+                    return
+            except subprocess.TimeoutExpired:
+                seen = "`ray status` did not answer within 60 s"
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the cluster did not show {count} nodes: {done.stdout[-1500:]}"
-                                   f"{done.stderr[-1500:]}")  # fmt: skip
+                raise RuntimeError(f"the cluster did not show {count} nodes: {seen}")
             time.sleep(1.0)
 
     def pids(self, proc: subprocess.Popen | None) -> list[int]:
@@ -132,37 +150,43 @@ class RayProcesses:
             except subprocess.TimeoutExpired:
                 pass
 
-    def crash_second(self) -> list[int]:
-        """SIGKILL the second node's raylet (as a machine that dies); its other processes' pids, to
-        clean up later (`ray start --block` exits when its raylet dies, leaving them orphans)."""
-        pids = self.pids(self.second)
+    def crash_second(self) -> None:
+        """SIGKILL the second node's raylet (as a machine that dies); its other processes are kept in
+        `leftovers`, to clean up later (`ray start --block` exits when its raylet dies, leaving them orphans)."""
+        self.leftovers += self.pids(self.second)
         os.kill(self.raylet_pid(self.second), signal.SIGKILL)
-        return pids
 
-    def restart_second(self, leftovers: list[int] = ()) -> None:
-        """Clean up what is left of the second node (by pid), start it again, wait for 2 nodes."""
-        for pid in leftovers:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    def stop_second(self) -> None:
+        """SIGTERM to the second node's `ray start`, as a preemption notice stops a node: Ray drains it
+        (DRAIN_TIMEOUT_S), then stops its processes."""
+        self.second.send_signal(signal.SIGTERM)
+
+    def ensure_second(self) -> None:
+        """The second node up: as it is, or (after a crash or a stop) cleaned up by pid, started
+        again, and joined (2 nodes)."""
+        if self.second is not None and self.second.poll() is None and not self.leftovers:
+            return
+        kill_pids(self.leftovers)
+        self.leftovers = []
         self.kill(self.second)
         self.start_second()
         self.wait_for_nodes(2)
 
     def stop(self) -> None:
-        """Both nodes and everything they started, by pid; then anything else under our folder."""
+        """Both nodes and everything they started, by pid, then anything else under our folder. SIGKILL:
+        a test cluster has nothing to keep, and SIGTERM would drain each node (the head for Ray's 30 s)."""
         for proc in (self.second, self.head):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # ray start --block stops its node's processes
-        for proc in (self.second, self.head):
-            if proc is not None:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    pass
-                self.kill(proc)
+            self.kill(proc)
+        kill_pids(self.leftovers)
         kill_under(self.root)
+
+
+def kill_pids(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def kill_under(root: Path) -> None:
@@ -182,8 +206,9 @@ def make_cluster(nodes: int = 2) -> RayProcesses:
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+    caches = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")  # before HOME changes
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", HOME=str(home), RAY_AUTH_MODE="token",
-               RAY_TMPDIR=str(root / "ray"), RAY_USAGE_STATS_ENABLED="0")
+               RAY_TMPDIR=str(root / "ray"), RAY_USAGE_STATS_ENABLED="0", XDG_CACHE_HOME=caches)  # fmt: skip
     cluster = RayProcesses(root, free_port(), free_port(), env)
     try:
         cluster.start_head()

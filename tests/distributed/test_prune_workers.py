@@ -12,25 +12,32 @@ from tests.pruning.test_job import exported  # noqa: F401  (fixture)
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def settings(model, small_data, out, method, workers):
+def settings(model, small_data, out, method, workers, layer_error=False):
     sets = [f"model={model}", f"method={method}", "sparsity=0.5", f"out={out}", f"workers={workers}",
             "calibration.samples=6", "calibration.seq_len=32", "eval.tokens=0",
-            f"data.cache_dir={small_data['cache_dir']}"]  # fmt: skip
+            f"data.cache_dir={small_data['cache_dir']}", f"layer_error={str(layer_error).lower()}"]  # fmt: skip
     if "path" in small_data:
         sets.append(f"data.path={small_data['path']}")
     return load_prune_config(None, sets)
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
-def test_two_workers_prune_exactly_like_one(exported, small_data, tmp_path, ray_session, method):  # noqa: F811
-    one = run_prune(settings(exported, small_data, tmp_path / "one", method, 1), progress=False)
-    two = run_prune(settings(exported, small_data, tmp_path / "two", method, 2), progress=False)
+# each method once; magnitude with the error report (the Gram sums all-reduced for a method that does not
+# need them), Wanda without it (its per-column sums alone), SparseGPT's always on (its Hessian)
+@pytest.mark.parametrize("method, layer_error", [("magnitude", True), ("wanda", False), ("sparsegpt", False)])
+def test_two_workers_prune_exactly_like_one(exported, small_data, tmp_path, ray_session, method,  # noqa: F811
+                                            layer_error):  # fmt: skip
+    one = run_prune(settings(exported, small_data, tmp_path / "one", method, 1, layer_error), progress=False)
+    two = run_prune(settings(exported, small_data, tmp_path / "two", method, 2, layer_error), progress=False)
     assert two["workers"] == 2 and one["workers"] == 1
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
-    assert [r["rel_error"] for r in two["layers"]] == pytest.approx([r["rel_error"] for r in one["layers"]], rel=1e-4)
+    errors = [[r["rel_error"] for r in run["layers"]] for run in (one, two)]
+    if method == "wanda":
+        assert errors == [[None] * len(errors[0])] * 2  # not computed, on either
+    else:
+        assert errors[1] == pytest.approx(errors[0], rel=1e-4) and None not in errors[0]
 
 
 def test_the_prune_command_on_two_workers_prints_each_line_once_and_no_ray_notices(exported, small_data,  # noqa: F811

@@ -14,9 +14,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
+import types
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -161,6 +164,22 @@ def encode_pieces(parts: Iterator[Piece], spec: TokenizerSpec, out_dir: Path, va
 _encoder: PieceEncoder | None = None  # one per worker process, built by _start_worker
 
 
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """A spawned process first runs the parent's __main__ again (its file, or its module), as
+    multiprocessing does for pickled functions defined there: a user's script without an
+    `if __name__ == "__main__":` guard would prepare its data again in every worker, and a program read
+    from stdin (`python - <<EOF`) fails, since its file '<stdin>' does not exist. The workers need
+    nothing from __main__ (their functions live here), so it is hidden while they start."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, no __spec__: nothing to re-run
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
 def _start_worker(spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
     global _encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the pool
@@ -183,7 +202,8 @@ class _WorkerPool:
                                             initargs=(spec, out_dir, val_fraction))  # fmt: skip
 
     def submit(self, piece: Piece) -> Future:
-        return self.executor.submit(_encode_in_worker, piece)
+        with _main_module_hidden():  # (a submit starts a worker process while the pool has fewer than num_proc)
+            return self.executor.submit(_encode_in_worker, piece)
 
     def __enter__(self) -> _WorkerPool:
         return self

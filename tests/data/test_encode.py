@@ -63,3 +63,33 @@ def test_token_files_are_the_same_bytes_for_1_2_and_3_processes(corpus, monkeypa
     assert all(d[0] == one.bos_id for d in docs)
     words = {" ".join(f"w{i - 3}" for i in d[1:-1]) for d in docs}  # word wK has id K + 3
     assert words == set(texts)
+
+
+@pytest.mark.parametrize("how", ["stdin", "unguarded script"])
+def test_a_pool_works_from_any_main_program(how, tmp_path):
+    """The pool's spawned workers do not run the driver's __main__ again: a program read from stdin (its
+    file '<stdin>' does not exist) and a script without an `if __name__ == "__main__":` guard (which
+    every worker would otherwise run again, preparing the data once more each) both prepare once."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    write_jsonl(tmp_path / "c" / "part.jsonl", [f"document {i}" for i in range(encode.PIECE_DOCS + 10)])  # 2 pieces
+    program = (f"from scalesparse.config import DataConfig, SourceConfig\n"
+               f"from scalesparse.data import prepare_data\n"
+               f"print('main ran', flush=True)\n"
+               f"p = prepare_data(DataConfig(sources=(SourceConfig(path={str(tmp_path / 'c')!r}),), tokenizer='byte', "
+               f"val_fraction=0.1, num_proc=2, cache_dir={str(tmp_path / 'cache')!r}))\n"
+               f"print('tokens', p.train_tokens + p.val_tokens)\n")  # fmt: skip
+    if how == "stdin":
+        done = subprocess.run([sys.executable, "-"], input=program, cwd=REPO, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+    else:
+        (tmp_path / "prep.py").write_text(program)
+        done = subprocess.run([sys.executable, str(tmp_path / "prep.py")], cwd=REPO, capture_output=True, text=True,
+                              timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("main ran") == 1, done.stdout
+    want = sum(len(f"document {i}") + 1 for i in range(encode.PIECE_DOCS + 10))  # bytes + EOS each
+    assert f"tokens {want}" in done.stdout

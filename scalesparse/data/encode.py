@@ -1,8 +1,8 @@
 """Documents → token pieces, in parallel: the corpus is cut into pieces of consecutive documents, a
 pool of `data.num_proc` worker processes encodes them (one tokenizer thread each, so N processes use
-N CPUs), each worker writing its piece's token files, and the driver appends the pieces in their
-order. A document's tokens depend on nothing but the document, so the token files are the same
-bytes for any number of processes.
+N CPUs), each worker reading its piece from a file the driver wrote and writing the piece's token
+files, and the driver appends the pieces in their order. A document's tokens depend on nothing but
+the document, so the token files are the same bytes for any number of processes.
 
 Each worker process starts fresh (spawn: no copy of the driver's threads or tokenizer pool) and loads
 the tokenizer from the file the driver saved. A corpus of one piece is encoded in the driver itself
@@ -11,14 +11,17 @@ the tokenizer from the file the driver saved. A corpus of one piece is encoded i
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import types
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
@@ -29,6 +32,7 @@ import numpy as np
 from scalesparse.data.sources import Document, Rows, unit_hash
 from scalesparse.data.tokenizers import load_tokenizer
 from scalesparse.data.tokens import token_dtype
+from scalesparse.errors import DataError
 
 PIECE_CHARS = 2 << 20  # text per piece: small next to a worker's memory, large next to its per-piece cost
 PIECE_DOCS = 4096
@@ -156,12 +160,13 @@ def encode_pieces(parts: Iterator[Piece], spec: TokenizerSpec, out_dir: Path, va
         for piece in chain(head, it):
             window.append(pool.submit(piece))
             if len(window) >= 2 * num_proc:
-                yield window.popleft().result()
+                yield pool.result(window.popleft())
         while window:
-            yield window.popleft().result()
+            yield pool.result(window.popleft())
 
 
 _encoder: PieceEncoder | None = None  # one per worker process, built by _start_worker
+_start_error: str | None = None  # why it could not be built (said by the first piece the worker gets)
 
 
 @contextmanager
@@ -180,15 +185,51 @@ def _main_module_hidden() -> Iterator[None]:
             sys.modules["__main__"] = main
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """While worker processes start: they inherit an ignored SIGINT through exec (Python keeps it so), so
+    a Ctrl-C during their imports prints no traceback from each; the driver's own handler comes back at
+    once (a Ctrl-C inside these milliseconds is lost). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _start_worker(spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
-    global _encoder
+    # an exception here would print a traceback from every worker and break the pool with no word of
+    # why: it is kept, and the first piece raises it as the piece's error, which the driver reports
+    global _encoder, _start_error
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: N processes, N CPUs
-    _encoder = PieceEncoder(spec, out_dir, val_fraction)
+    try:
+        _encoder = PieceEncoder(spec, out_dir, val_fraction)
+    except Exception as e:  # noqa: BLE001 (reported with the first piece)
+        _start_error = f"{type(e).__name__}: {e}"
 
 
-def _encode_in_worker(piece: Piece) -> PieceResult:
-    assert _encoder is not None, "the worker was started without its encoder"
+def write_piece(piece: Piece, path: Path) -> None:
+    """A piece's documents in a file of the work folder: the pool's messages stay small (a pickled
+    piece of megabytes would sit in the pipe to a busy worker, and before Python 3.11.7 / 3.12.1 a pool
+    whose workers were stopped hangs on such a write: CPython gh-94777)."""
+    rows = [[d.name, d.text, d.weight, d.val] for d in piece.docs]
+    path.write_text(json.dumps({"index": piece.index, "done": piece.done, "docs": rows}), encoding="utf-8")
+
+
+def read_piece(path: Path) -> Piece:
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    return Piece(raw["index"], [Document(*row) for row in raw["docs"]], raw["done"])
+
+
+def _encode_in_worker(path: Path) -> PieceResult:
+    if _encoder is None:
+        raise RuntimeError(f"the tokenizer could not be loaded in a worker process ({_start_error})")
+    piece = read_piece(path)
+    path.unlink()
     return _encoder(piece)
 
 
@@ -198,12 +239,38 @@ class _WorkerPool:
 
     def __init__(self, num_proc: int, spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
         spawn = multiprocessing.get_context("spawn")
+        self.num_proc, self.out_dir = num_proc, out_dir
         self.executor = ProcessPoolExecutor(num_proc, mp_context=spawn, initializer=_start_worker,
                                             initargs=(spec, out_dir, val_fraction))  # fmt: skip
 
     def submit(self, piece: Piece) -> Future:
-        with _main_module_hidden():  # (a submit starts a worker process while the pool has fewer than num_proc)
-            return self.executor.submit(_encode_in_worker, piece)
+        path = self.out_dir / f"{piece.index:08d}.docs"
+        write_piece(piece, path)
+        # (a submit starts a worker process while the pool has fewer than num_proc)
+        with _main_module_hidden(), _sigint_ignored():
+            try:
+                return self.executor.submit(_encode_in_worker, path)
+            except BrokenProcessPool:  # a worker died since the last result
+                raise self._broken() from None
+
+    def _broken(self) -> DataError:
+        codes = sorted({p.exitcode for p in getattr(self.executor, "_processes", {}).values()
+                        if p.exitcode not in (None, 0)})  # fmt: skip
+        why = (f" (exit code {', '.join(map(str, codes))}" + ("; -9 is a kill, often for memory" if -9 in codes
+                                                             else "") + ")") if codes else ""  # fmt: skip
+        return DataError(f"data: a tokenizing process (of data.num_proc={self.num_proc}) ended abruptly{why}; "
+                         f"lower data.num_proc if memory is short")  # fmt: skip
+
+    def result(self, future: Future) -> PieceResult:
+        """The piece's result, or one line saying why there is none."""
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            raise self._broken() from None
+        except DataError:
+            raise
+        except Exception as e:  # raised inside a worker: one line, as the driver's own errors
+            raise DataError(f"data: tokenizing failed in a worker process: {type(e).__name__}: {e}") from None
 
     def __enter__(self) -> _WorkerPool:
         return self

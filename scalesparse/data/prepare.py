@@ -207,14 +207,18 @@ def _encode_all(cfg: DataConfig, spec: TokenizerSpec, tmp: Path) -> dict:
     counts: dict = {"train": 0, "val": 0, "val_names": []}
     progress = PrepProgress(input_bytes(cfg))
     num_proc = cfg.num_proc or default_num_proc()
-    for result in encode_pieces(pieces(read_rows(cfg)), spec, work, cfg.val_fraction, num_proc):
-        for split, path in result.files.items():
-            writers[split].write(np.fromfile(path, dtype=writers[split].dtype))
-            path.unlink()
-        for split in ("train", "val"):
-            counts[split] += result.docs[split]
-        counts["val_names"] += result.val_names[: 100 - len(counts["val_names"])]
-        progress.update(sum(result.docs.values()), result.chars, sum(result.tokens.values()), result.done)
+    try:
+        for result in encode_pieces(pieces(read_rows(cfg)), spec, work, cfg.val_fraction, num_proc):
+            for split, path in result.files.items():
+                writers[split].write(np.fromfile(path, dtype=writers[split].dtype))
+                path.unlink()
+            for split in ("train", "val"):
+                counts[split] += result.docs[split]
+            counts["val_names"] += result.val_names[: 100 - len(counts["val_names"])]
+            progress.update(sum(result.docs.values()), result.chars, sum(result.tokens.values()), result.done)
+    except BaseException:
+        progress.close(complete=False)  # the bar's line ends before the error is printed
+        raise
     progress.close()
     work.rmdir()
     counts["files"] = {f"{split}.npy": w.close() for split, w in writers.items()}

@@ -59,12 +59,14 @@ class PrepProgress:
     def elapsed(self) -> float:
         return time.perf_counter() - (self.lines.t0 if self.lines is not None else self.bar.start_t)
 
-    def close(self) -> None:
+    def close(self, complete: bool = True) -> None:
+        """The end of the preparation; `complete=False` when it failed: the bar's line is ended where it
+        stood (so an error prints on a line of its own), and no final line claims it is done."""
         if self.bar is not None:
-            if self.total is not None and self.bar.n < self.total:  # a streamed estimate fell short: it is all read
+            if complete and self.total is not None and self.bar.n < self.total:  # a streamed estimate fell short
                 self.bar.update(self.total - self.bar.n)
             self.bar.close()
-        else:
+        elif complete:
             self.lines.finish()
 
 

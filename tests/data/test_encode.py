@@ -93,3 +93,44 @@ def test_a_pool_works_from_any_main_program(how, tmp_path):
     assert done.stdout.count("main ran") == 1, done.stdout
     want = sum(len(f"document {i}") + 1 for i in range(encode.PIECE_DOCS + 10))  # bytes + EOS each
     assert f"tokens {want}" in done.stdout
+
+
+def test_a_killed_worker_stops_the_preparation_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A tokenizing process killed (as the kernel does when memory runs out): the preparation ends within
+    seconds with one line saying so, and neither the cache folder nor its temporary folder stays."""
+    import threading
+    import time
+
+    import psutil
+
+    from scalesparse.errors import DataError
+
+    monkeypatch.setattr(encode, "PIECE_DOCS", 2)  # thousands of pieces: the pool is busy for a while
+    write_jsonl(tmp_path / "c" / "part.jsonl", [f"document number {i}" for i in range(20_000)])
+    cfg = DataConfig(sources=(SourceConfig(path=str(tmp_path / "c")),), tokenizer="byte", val_fraction=0.1,
+                     num_proc=2, cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    failure: list[BaseException] = []
+
+    def prepare() -> None:
+        try:
+            prepare_data(cfg)
+        except BaseException as e:  # noqa: BLE001 (handed to the test's thread)
+            failure.append(e)
+
+    thread = threading.Thread(target=prepare)
+    thread.start()
+    me, deadline = psutil.Process(), time.monotonic() + 60
+    while not (workers := [p for p in me.children() if "spawn_main" in " ".join(p.cmdline())]):
+        assert thread.is_alive() and time.monotonic() < deadline, "no worker process started"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    killed = time.monotonic()
+    workers[0].kill()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the preparation hung after its worker was killed"
+    assert time.monotonic() - killed < 30
+    assert len(failure) == 1 and isinstance(failure[0], DataError), failure
+    message = str(failure[0])
+    assert "a tokenizing process (of data.num_proc=2) ended abruptly (exit code -9" in message, message
+    assert "\n" not in message
+    assert not list((tmp_path / "cache" / "prepared").iterdir())

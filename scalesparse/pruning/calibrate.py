@@ -118,11 +118,14 @@ class SharedInputs:
     q, k and v read the same tensor, as do gate and up: the first layer to see a tensor leads its
     group, its pruner's `add_batch` runs and, with `gram`, its group's Σxxᵀ (float64; the walk's main
     cost, n·d² per input) is added; the group's other pruners copy the leader's sums afterwards
-    (`share`). Which layers share an input, and which layer runs last, is seen on the first batch and
-    is the same for every batch. From the second batch on, the pass stops where the last layer's
-    input has been recorded: that layer's product and the rest of the block are never computed (a
-    quarter of a Llama block's matmuls: down_proj). `stop_early=False` runs whole blocks (OWL's dense
-    pass needs their outputs).
+    (`share`). Which layers share an input is seen as they run and is the same for every batch. From
+    the second batch on, a pass stops as soon as every layer's input has been recorded in it: the
+    last layer's product and the rest of the block are never computed (a quarter of a Llama block's
+    matmuls: down_proj). A layer that does not run in a pass (an MoE expert no token of that batch
+    was routed to) lets the pass run whole, so no statistics are lost; a layer called twice in one
+    pass turns the early stop off. `stop_early=False` runs whole blocks (OWL's dense pass needs their
+    outputs). `agree` makes the groups and the Gram sums the same on every worker before the sums are
+    all-reduced (a worker may have seen other experts run, or no batch at all).
     """
 
     def __init__(self, pruners: dict, gram: bool, stop_early: bool = True) -> None:
@@ -130,8 +133,9 @@ class SharedInputs:
         self.leader: dict[str, str] = {}  # layer name → the layer whose pruner gathers for its group
         self.sums: dict[str, torch.Tensor] = {}  # leader → Σxxᵀ of its group's input
         self._batch: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) → (input, leader), one forward
-        self._order: list[str] | None = []  # layers in the order they ran on the first batch
-        self.last: str | None = None  # the layer whose input ends a pass (None: run whole blocks)
+        self._ran: list[str] = []  # layers in the order they ran in this pass
+        self._first = True
+        self.may_stop = False  # set after the first pass: each layer ran at most once in it
 
     def hook(self, name: str):
         def record(_module, args):  # a forward pre-hook: runs before the layer's own product
@@ -152,10 +156,9 @@ class SharedInputs:
                 self._batch[id(x)] = (x, name)
             else:
                 assert self.leader.setdefault(name, hit[1]) == hit[1], f"{name}: its input changed groups"
-            if self._order is not None:
-                self._order.append(name)
-            elif name == self.last:
-                raise _Captured  # everything this pass needs is recorded
+            self._ran.append(name)
+            if self.may_stop and len(self._ran) == len(self.pruners):
+                raise _Captured  # every layer's input is recorded (each ran once on the first pass)
 
         return record
 
@@ -181,14 +184,29 @@ class SharedInputs:
 
     def _end_batch(self) -> None:
         self._batch.clear()
-        if self._order is not None:
-            # stop early only where each layer ran once (a layer called twice would lose its second call)
-            if self.stop_early and self._order and len(set(self._order)) == len(self._order):
-                self.last = self._order[-1]
-            self._order = None
+        if self._first:  # (a layer called twice would lose its second call to an early stop)
+            self.may_stop = self.stop_early and len(set(self._ran)) == len(self._ran)
+            self._first = False
+        self._ran = []
+
+    def agree(self, layers: dict[str, nn.Module], device) -> None:
+        """The same groups and Gram sums on every worker: the union of what each saw (the sharing is
+        the model's, so the workers that saw a layer agree on its group); a layer no worker saw run is a
+        group of its own. Sums a worker lacks are zeros, so that the all-reduced lists line up."""
+        union: dict[str, str] = {}
+        for seen in comm.all_gather_object(self.leader):
+            for name, lead in seen.items():
+                union.setdefault(name, lead)
+        for name in layers:
+            union.setdefault(name, name)
+        self.leader = union
+        if self.gram:
+            for lead in set(union.values()) - set(self.sums):
+                n = weight_matrix(layers[lead]).shape[1]
+                self.sums[lead] = torch.zeros(n, n, dtype=torch.float64, device=device)
 
     def gram_sums(self) -> list[torch.Tensor]:
-        """The distinct Σxxᵀ, in the same order on every worker."""
+        """The distinct Σxxᵀ, in the same order on every worker (after `agree`)."""
         return [self.sums[n] for n in sorted(self.sums)]
 
     def share(self) -> None:
@@ -216,6 +234,7 @@ def dense_outlier_ratios(blocks, block_layers, hidden: list[torch.Tensor], kwarg
         norms = {n: PRUNERS.get("wanda")(layer) for n, layer in layers.items()}  # its per-column Σx²
         shared = SharedInputs(norms, gram=False, stop_early=False)
         outputs = shared.run(block, layers, hidden, kwargs, device)
+        shared.agree(layers, device)
         shared.share()
         for stat in (s for p in norms.values() for s in p.stats()):
             comm.all_reduce_sum(stat)
@@ -299,9 +318,10 @@ def prune_model(model: nn.Module, batches: list[torch.Tensor], method: str, spar
         shared = SharedInputs(pruners, gram=with_gram)
         shared.run(block, layers, hidden, kwargs, device)
         t = report.timed("calibrate", t)
+        shared.agree(layers, device)
         shared.share()
-        # statistics are sums: add up every worker's share (each Gram matrix once; every layer's own
-        # small sums, so that the list is the same on a worker that saw no batch)
+        # statistics are sums: add up every worker's share (each group's Gram matrix once; every layer's
+        # own small sums, so that the list is the same on a worker that saw no batch)
         for stat in [*shared.gram_sums(), *(s for p in pruners.values() for s in p.stats())]:
             comm.all_reduce_sum(stat)
         xxt = {n: shared.of(n) for n in layers} if with_gram else {}

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch import nn
 
 from scalesparse.errors import ScalesparseError
+from scalesparse.pruning import PRUNERS
 from scalesparse.pruning.base import weight_matrix
 from scalesparse.pruning.calibrate import prune_model
 from scalesparse.pruning.hf import find_blocks, linear_layers
@@ -179,3 +181,37 @@ def test_a_calibration_pass_reads_each_input_once_and_stops_after_the_last_layer
     # block 0: 3 calibration batches + 3 propagated; block 1: 3 calibration batches, nothing propagated
     assert runs[(0, "self_attn.k_proj")] == 6 and runs[(1, "self_attn.k_proj")] == 3
     assert runs[(0, "mlp.down_proj")] == 1 + 3 and runs[(1, "mlp.down_proj")] == 1
+
+
+class RoutedExperts(nn.Module):
+    """Experts called in index order, only those a batch is routed to (as transformers 4.x's MoE blocks
+    do): a batch whose first value is k reaches experts 0 … k-1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(3))
+
+    def forward(self, x):  # each expert reads its own tensor (its routed tokens), as in Mixtral
+        return sum(e(x[:, 1:]) for e in list(self.experts)[: int(x[0, 0, 0])])
+
+
+def test_an_expert_first_reached_in_a_later_batch_keeps_its_statistics():
+    """Batch 1 reaches experts 0 and 1 (expert 1 runs last), batch 2 all three: its pass must not stop at
+    expert 1, or expert 2 would have no statistics (and no Hessian) at all."""
+    from scalesparse.pruning.calibrate import SharedInputs
+
+    torch.manual_seed(0)
+    block = RoutedExperts()
+    layers = {f"experts.{i}": e for i, e in enumerate(block.experts)}
+    first, second = torch.randn(1, 5, 4), torch.randn(1, 7, 4)
+    first[0, 0, 0], second[0, 0, 0] = 2, 3
+    pruners = {n: PRUNERS.get("sparsegpt")(m, external_gram=True) for n, m in layers.items()}
+    shared = SharedInputs(pruners, gram=True)
+    shared.run(block, layers, [first, second], {}, "cpu")
+    shared.agree(layers, "cpu")
+    shared.share()
+    flat = [x[:, 1:].reshape(-1, 4).double() for x in (first, second)]
+    for name, seen in (("experts.0", flat), ("experts.1", flat), ("experts.2", flat[1:])):
+        want = sum(x.t() @ x for x in seen)
+        torch.testing.assert_close(shared.of(name), want, rtol=1e-6, atol=1e-6, msg=name)
+        assert int(pruners[name].nsamples) == sum(x.shape[0] for x in seen), name

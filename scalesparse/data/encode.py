@@ -240,6 +240,7 @@ class _WorkerPool:
     def __init__(self, num_proc: int, spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
         spawn = multiprocessing.get_context("spawn")
         self.num_proc, self.out_dir = num_proc, out_dir
+        self.processes: dict = {}  # pid → multiprocessing Process
         self.executor = ProcessPoolExecutor(num_proc, mp_context=spawn, initializer=_start_worker,
                                             initargs=(spec, out_dir, val_fraction))  # fmt: skip
 
@@ -249,13 +250,19 @@ class _WorkerPool:
         # (a submit starts a worker process while the pool has fewer than num_proc)
         with _main_module_hidden(), _sigint_ignored():
             try:
-                return self.executor.submit(_encode_in_worker, path)
+                future = self.executor.submit(_encode_in_worker, path)
             except BrokenProcessPool:  # a worker died since the last result
                 raise self._broken() from None
+        # the workers, kept here: a broken pool forgets its processes, and with them their exit codes
+        self.processes.update(getattr(self.executor, "_processes", None) or {})
+        return future
 
     def _broken(self) -> DataError:
-        codes = sorted({p.exitcode for p in getattr(self.executor, "_processes", {}).values()
-                        if p.exitcode not in (None, 0)})  # fmt: skip
+        for process in self.processes.values():
+            process.join(timeout=1)  # (a process just killed may not have been reaped yet)
+        codes = sorted({p.exitcode for p in self.processes.values() if p.exitcode not in (None, 0)})
+        if set(codes) - {-15}:  # the pool terminates (SIGTERM) the others once one died: name the cause
+            codes = [c for c in codes if c != -15]
         why = (f" (exit code {', '.join(map(str, codes))}" + ("; -9 is a kill, often for memory" if -9 in codes
                                                              else "") + ")") if codes else ""  # fmt: skip
         return DataError(f"data: a tokenizing process (of data.num_proc={self.num_proc}) ended abruptly{why}; "
@@ -279,6 +286,6 @@ class _WorkerPool:
         if exc_type is None:
             self.executor.shutdown(wait=True)
             return
-        for process in list(getattr(self.executor, "_processes", {}).values()):
+        for process in [*self.processes.values(), *(getattr(self.executor, "_processes", None) or {}).values()]:
             process.terminate()
         self.executor.shutdown(wait=True, cancel_futures=True)

@@ -263,8 +263,10 @@ class _WorkerPool:
         codes = sorted({p.exitcode for p in self.processes.values() if p.exitcode not in (None, 0)})
         if set(codes) - {-15}:  # the pool terminates (SIGTERM) the others once one died: name the cause
             codes = [c for c in codes if c != -15]
-        why = (f" (exit code {', '.join(map(str, codes))}" + ("; -9 is a kill, often for memory" if -9 in codes
-                                                             else "") + ")") if codes else ""  # fmt: skip
+        why = ""
+        if codes:
+            kill = "; -9 is a kill, often for memory" if -9 in codes else ""
+            why = f" (exit code {', '.join(map(str, codes))}{kill})"
         return DataError(f"data: a tokenizing process (of data.num_proc={self.num_proc}) ended abruptly{why}; "
                          f"lower data.num_proc if memory is short")  # fmt: skip
 

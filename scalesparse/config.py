@@ -305,7 +305,8 @@ class DataConfig:
     vocab_size: int = 4096
     """BPE vocabulary size (ignored for byte and hf). Token files are uint16 up to 65,536 tokens, else uint32."""
     num_proc: int = 0
-    """Processes that tokenize in parallel; 0 = the CPUs this process may use."""
+    """Processes that tokenize in parallel, sharing the CPUs this process may use as tokenizer threads;
+    0 = one per 4 CPUs (on up to 7 CPUs the driver alone, with the tokenizer's own threads)."""
     val_blocks: int = 64
     """Validation blocks evaluated at each eval (the same blocks every time)."""
 

@@ -1,12 +1,13 @@
-"""Documents → token pieces, in parallel: the corpus is cut into pieces of consecutive documents, a
-pool of `data.num_proc` worker processes encodes them (one tokenizer thread each, so N processes use
-N CPUs), each worker reading its piece from a file the driver wrote and writing the piece's token
-files, and the driver appends the pieces in their order. A document's tokens depend on nothing but
-the document, so the token files are the same bytes for any number of processes.
+"""Documents → token pieces, in parallel: the corpus is cut into pieces of consecutive documents,
+encoded either in the driver by the tokenizer's own threads while a reader thread cuts the next pieces,
+or by a pool of worker processes (each reading its piece from a file the driver wrote and writing the
+piece's token files, with `threads` tokenizer threads), and the driver appends the pieces in their
+order. A document's tokens depend on nothing but the document, so the token files are the same bytes
+for any layout.
 
 Each worker process starts fresh (spawn: no copy of the driver's threads or tokenizer pool) and loads
-the tokenizer from the file the driver saved. A corpus of one piece is encoded in the driver itself
-(the tokenizer's own threads), which keeps small corpora free of process start-up.
+the tokenizer from the file the driver saved. A corpus of one piece is always encoded in the driver,
+which keeps small corpora free of process start-up.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import queue
 import signal
 import sys
 import threading
@@ -39,6 +41,12 @@ PIECE_DOCS = 4096
 WEIGHT_SALT = b"scalesparse-weight"
 VAL_SALT = b"scalesparse-val"
 VAL_NAMES_KEPT = 100  # a sample of held-out names for meta.json, not millions
+THREADS_PER_PROCESS = 4
+"""Tokenizer threads per worker process in the default layout. Measured on 2 cores (0.25 GB of JSONL,
+a 32k BPE, 2026-12-07): the driver alone with 2 tokenizer threads prepared 1.25 M tokens/s, 2 worker
+processes of one thread each 0.96 (they spent 35% more CPU time on the same documents). On many cores
+the driver's own serial work (reading, appending) would cap a single process, hence processes of a
+few threads each there; that split is not measured (no machine here has more than 2 cores)."""
 
 
 def held_out(doc: Document, val_fraction: float) -> bool:
@@ -145,24 +153,74 @@ class PieceEncoder:
         return out
 
 
+def layout(num_proc: int, cpus: int) -> tuple[int, int]:
+    """(worker processes, tokenizer threads each) for `data.num_proc` on `cpus` CPUs; 1 process means
+    the driver itself. num_proc 0: one process per THREADS_PER_PROCESS CPUs (the driver alone up to
+    that many); N: N processes sharing the CPUs."""
+    processes = max(1, cpus // THREADS_PER_PROCESS) if num_proc == 0 else num_proc
+    return processes, max(1, cpus // processes)
+
+
 def encode_pieces(parts: Iterator[Piece], spec: TokenizerSpec, out_dir: Path, val_fraction: float,
-                  num_proc: int) -> Iterator[PieceResult]:  # fmt: skip
-    """The pieces' results in piece order. With num_proc > 1 and more than one piece, a pool of worker
-    processes encodes them, at most 2 × num_proc pieces in flight (the corpus is never whole in memory)."""
+                  processes: int, threads: int = 1) -> Iterator[PieceResult]:  # fmt: skip
+    """The pieces' results in piece order. With one process (or one piece), the driver encodes them with
+    the tokenizer's own threads while a reader thread cuts the next; else a pool of worker processes
+    encodes them, at most 2 × processes pieces in flight (the corpus is never whole in memory)."""
     it = iter(parts)
     head = [p for p in (next(it, None), next(it, None)) if p is not None]
-    if num_proc <= 1 or len(head) < 2:
+    if processes <= 1 or len(head) < 2:
         encoder = PieceEncoder(spec, out_dir, val_fraction)
-        yield from (encoder(p) for p in chain(head, it))
+        yield from (encoder(p) for p in chain(head, read_ahead(it)))
         return
-    with _WorkerPool(num_proc, spec, out_dir, val_fraction) as pool:
+    with _WorkerPool(processes, threads, spec, out_dir, val_fraction) as pool:
         window: deque[Future] = deque()
         for piece in chain(head, it):
             window.append(pool.submit(piece))
-            if len(window) >= 2 * num_proc:
+            if len(window) >= 2 * processes:
                 yield pool.result(window.popleft())
         while window:
             yield pool.result(window.popleft())
+
+
+_END = object()
+
+
+def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
+    """`items` produced by a thread of its own, at most `depth` ahead of the consumer: the reading
+    (Arrow decoding, cutting pieces) overlaps the encoding, whose Rust threads release the GIL. An error
+    in the reading is raised here, in order; a consumer that stops early (an error, Ctrl-C) stops the
+    thread at its next item."""
+    ready: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            ready.put((_END, None))
+        except BaseException as e:  # noqa: BLE001 (handed to the consumer, raised there)
+            ready.put((_END, e))
+
+    thread = threading.Thread(target=produce, name="scalesparse-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 _encoder: PieceEncoder | None = None  # one per worker process, built by _start_worker
@@ -200,12 +258,14 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _start_worker(spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
+def _start_worker(spec: TokenizerSpec, out_dir: Path, val_fraction: float, threads: int) -> None:
     # an exception here would print a traceback from every worker and break the pool with no word of
     # why: it is kept, and the first piece raises it as the piece's error, which the driver reports
     global _encoder, _start_error
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the pool
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: N processes, N CPUs
+    # the process's share of the CPUs (read when the tokenizer first runs threads, after this)
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads > 1 else "false"
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
     try:
         _encoder = PieceEncoder(spec, out_dir, val_fraction)
     except Exception as e:  # noqa: BLE001 (reported with the first piece)
@@ -237,12 +297,12 @@ class _WorkerPool:
     """A process pool that, when left by an exception (a failed piece, Ctrl-C, the consumer gone),
     stops its workers at once instead of letting them finish their pieces."""
 
-    def __init__(self, num_proc: int, spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
+    def __init__(self, num_proc: int, threads: int, spec: TokenizerSpec, out_dir: Path, val_fraction: float) -> None:
         spawn = multiprocessing.get_context("spawn")
         self.num_proc, self.out_dir = num_proc, out_dir
         self.processes: dict = {}  # pid → multiprocessing Process
         self.executor = ProcessPoolExecutor(num_proc, mp_context=spawn, initializer=_start_worker,
-                                            initargs=(spec, out_dir, val_fraction))  # fmt: skip
+                                            initargs=(spec, out_dir, val_fraction, threads))  # fmt: skip
 
     def submit(self, piece: Piece) -> Future:
         path = self.out_dir / f"{piece.index:08d}.docs"

@@ -5,8 +5,8 @@ settings), built in a temporary folder and renamed into place (readers see all o
 verified on every use: sizes, headers and a sampled digest against meta.json (the full sha256 is
 recorded at write time and checked on request). A cache that fails verification is rebuilt with a
 one-line notice, never read. The corpus is never whole in memory: documents stream from `datasets`
-in pieces that a pool of `data.num_proc` processes encodes (encode.py); the driver appends the
-pieces' token files in order.
+in pieces that the tokenizer's threads or a pool of `data.num_proc` processes encode (encode.py); the
+driver appends the pieces' token files in order.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from scalesparse.config import DataConfig
-from scalesparse.data.encode import TokenizerSpec, encode_pieces, held_out, pieces
+from scalesparse.data.encode import TokenizerSpec, encode_pieces, held_out, layout, pieces
 from scalesparse.data.progress import PrepProgress
 from scalesparse.data.sources import (
     check_val_names,
@@ -136,8 +136,8 @@ def prepare_data(cfg: DataConfig, model_vocab: int | None = None, *, verify_leve
     return result
 
 
-def default_num_proc() -> int:
-    """data.num_proc 0: the CPUs this process may run on (its affinity: a container's, Slurm's or
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's, Slurm's or
     taskset's limit counts). Preparation runs in the driver before Ray starts, so these are also the
     CPUs a local Ray gives it."""
     try:
@@ -206,9 +206,9 @@ def _encode_all(cfg: DataConfig, spec: TokenizerSpec, tmp: Path) -> dict:
     writers = {split: TokenWriter(tmp / f"{split}.npy", spec.vocab_size) for split in ("train", "val")}
     counts: dict = {"train": 0, "val": 0, "val_names": []}
     progress = PrepProgress(input_bytes(cfg))
-    num_proc = cfg.num_proc or default_num_proc()
+    processes, threads = layout(cfg.num_proc, available_cpus())
     try:
-        for result in encode_pieces(pieces(read_rows(cfg)), spec, work, cfg.val_fraction, num_proc):
+        for result in encode_pieces(pieces(read_rows(cfg)), spec, work, cfg.val_fraction, processes, threads):
             for split, path in result.files.items():
                 writers[split].write(np.fromfile(path, dtype=writers[split].dtype))
                 path.unlink()

@@ -4,6 +4,8 @@ for any number of processes."""
 from __future__ import annotations
 
 import json
+import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,10 +46,18 @@ def corpus(tmp_path):
     return cfg, texts
 
 
-def test_token_files_are_the_same_bytes_for_1_2_and_3_processes(corpus, monkeypatch):
+def test_token_files_are_the_same_bytes_for_every_layout(corpus, monkeypatch):
+    """The driver alone (num_proc 1, and the default on 2 CPUs), 2 and 3 single-threaded processes, and
+    2 processes of 2 tokenizer threads each (as on 4 CPUs)."""
+    from scalesparse.data import prepare
+
     monkeypatch.setattr(encode, "PIECE_CHARS", 400)  # ~15 pieces: every worker gets several, out of order
     cfg, texts = corpus
-    runs = [prepare_data(cfg(n)) for n in (1, 2, 3)]
+    runs = []
+    for num_proc, cpus in ((1, 2), (0, 2), (2, 2), (3, 2), (2, 4)):
+        monkeypatch.setattr(prepare, "available_cpus", lambda cpus=cpus: cpus)
+        c = cfg(num_proc)
+        runs.append(prepare_data(replace(c, cache_dir=f"{c.cache_dir}-{cpus}")))
     one = runs[0]
     for other in runs[1:]:
         assert other.train_path.read_bytes() == one.train_path.read_bytes()
@@ -134,3 +144,38 @@ def test_a_killed_worker_stops_the_preparation_in_one_line_and_leaves_nothing(tm
     assert "a tokenizing process (of data.num_proc=2) ended abruptly (exit code -9" in message, message
     assert "\n" not in message
     assert not list((tmp_path / "cache" / "prepared").iterdir())
+
+
+def test_the_default_layout_is_the_driver_alone_on_few_cpus_and_processes_of_threads_on_many():
+    assert encode.layout(0, 1) == (1, 1) and encode.layout(0, 2) == (1, 2) and encode.layout(0, 7) == (1, 7)
+    assert encode.layout(0, 16) == (4, 4) and encode.layout(0, 18) == (4, 4)
+    assert encode.layout(2, 2) == (2, 1) and encode.layout(3, 2) == (3, 1) and encode.layout(2, 8) == (2, 4)
+
+
+def test_reading_ahead_keeps_the_order_raises_the_readers_error_and_stops_with_its_consumer():
+    from scalesparse.errors import DataError
+
+    def failing():
+        yield from range(5)
+        raise DataError("data: line 7 is not JSON")
+
+    got = []
+    with pytest.raises(DataError, match="line 7"):
+        for x in encode.read_ahead(failing()):
+            got.append(x)
+    assert got == [0, 1, 2, 3, 4]
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    reader = encode.read_ahead(endless(), depth=2)
+    assert [next(reader) for _ in range(3)] == [0, 1, 2]
+    reader.close()  # the consumer stops (an error or Ctrl-C in the encoding)
+    assert not any(t.name == "scalesparse-read-ahead" for t in threading.enumerate())
+    assert len(produced) <= 3 + 2 + 1  # at most `depth` ahead, plus the one it held when told to stop

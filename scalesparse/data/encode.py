@@ -155,8 +155,8 @@ class PieceEncoder:
 
 def layout(num_proc: int, cpus: int) -> tuple[int, int]:
     """(worker processes, tokenizer threads each) for `data.num_proc` on `cpus` CPUs; 1 process means
-    the driver itself. num_proc 0: one process per THREADS_PER_PROCESS CPUs (the driver alone up to
-    that many); N: N processes sharing the CPUs."""
+    the driver itself. num_proc 0: one process per THREADS_PER_PROCESS CPUs (the driver alone on up to
+    2 × THREADS_PER_PROCESS − 1); N: N processes sharing the CPUs."""
     processes = max(1, cpus // THREADS_PER_PROCESS) if num_proc == 0 else num_proc
     return processes, max(1, cpus // processes)
 
@@ -170,7 +170,12 @@ def encode_pieces(parts: Iterator[Piece], spec: TokenizerSpec, out_dir: Path, va
     head = [p for p in (next(it, None), next(it, None)) if p is not None]
     if processes <= 1 or len(head) < 2:
         encoder = PieceEncoder(spec, out_dir, val_fraction)
-        yield from (encoder(p) for p in chain(head, read_ahead(it)))
+        reader = read_ahead(it)
+        try:  # closed here, not when a failed piece's traceback is freed: the thread stops at once
+            for piece in chain(head, reader):
+                yield encoder(piece)
+        finally:
+            reader.close()
         return
     with _WorkerPool(processes, threads, spec, out_dir, val_fraction) as pool:
         window: deque[Future] = deque()
@@ -193,20 +198,24 @@ def read_ahead(items: Iterator, depth: int = 2) -> Iterator:
     ready: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 
+    def put(entry: tuple) -> bool:
+        """Hand an entry over unless the consumer has stopped (then False: the thread ends)."""
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        ready.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((item, None)):
                     return
-            ready.put((_END, None))
+            put((_END, None))
         except BaseException as e:  # noqa: BLE001 (handed to the consumer, raised there)
-            ready.put((_END, e))
+            put((_END, e))
 
     thread = threading.Thread(target=produce, name="scalesparse-read-ahead", daemon=True)
     thread.start()

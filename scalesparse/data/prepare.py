@@ -200,7 +200,8 @@ def _build(cfg: DataConfig, tmp: Path, key_source: dict) -> None:
 
 
 def _encode_all(cfg: DataConfig, spec: TokenizerSpec, tmp: Path) -> dict:
-    """Every document through the worker pool into train.npy and val.npy, pieces appended in order."""
+    """Every document through the tokenizer (the driver's threads or a pool of processes) into train.npy
+    and val.npy, pieces appended in order."""
     work = tmp / "pieces"
     work.mkdir()
     writers = {split: TokenWriter(tmp / f"{split}.npy", spec.vocab_size) for split in ("train", "val")}

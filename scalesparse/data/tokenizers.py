@@ -67,7 +67,7 @@ class HFTokenizer:
 
     def encode_arrays(self, texts: list[str], dtype: np.dtype = IDS) -> list[np.ndarray]:
         # encode_batch runs in Rust threads (the GIL released; serially where TOKENIZERS_PARALLELISM is
-        # false, as in a preparation worker); encode_batch_fast skips the character offsets
+        # false, as in a single-threaded preparation worker); encode_batch_fast skips the character offsets
         encode = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
         return [np.array(e.ids, dtype=dtype) for e in encode(texts, add_special_tokens=False)]
 

@@ -1,10 +1,11 @@
-"""Parallel encoding: a pool of worker processes writes the pieces; the token files are the same bytes
-for any number of processes."""
+"""Parallel encoding (the driver with the tokenizer's threads, or worker processes): the token files
+are the same bytes for every layout."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -179,3 +180,9 @@ def test_reading_ahead_keeps_the_order_raises_the_readers_error_and_stops_with_i
     reader.close()  # the consumer stops (an error or Ctrl-C in the encoding)
     assert not any(t.name == "scalesparse-read-ahead" for t in threading.enumerate())
     assert len(produced) <= 3 + 2 + 1  # at most `depth` ahead, plus the one it held when told to stop
+
+    short = encode.read_ahead(iter(range(5)), depth=2)  # the reader done, its end-of-items blocked: queue full
+    assert next(short) == 0
+    time.sleep(0.3)
+    short.close()
+    assert not any(t.name == "scalesparse-read-ahead" for t in threading.enumerate())

@@ -43,6 +43,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def backend() -> str:
+    """The process group's backend (gloo, nccl)."""
+    return str(dist.get_backend())
+
+
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 

@@ -82,7 +82,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, moe: MoEConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, moe: MoEConfig | None = None, init: bool = True) -> None:
+        """init False: leave the weights as allocated, for a checkpoint to be read into (under ZeRO-3's
+        zero.Init, drawing them here would gather every partitioned weight whole)."""
         super().__init__()
         self.cfg = cfg
         moe = moe or MoEConfig()
@@ -93,10 +95,14 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, moe) for _ in range(cfg.n_layers))
         self.last_losses: dict[str, torch.Tensor] = {}
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings:  # the head is the embedding: made 1×1, so no (vocab, d) matrix is made to be dropped
+            self.lm_head = nn.Linear(1, 1, bias=False)
             self.lm_head.weight = self.embed_tokens.weight
-        self.apply(self._init_weights)
+            self.lm_head.in_features, self.lm_head.out_features = cfg.d_model, vocab_size
+        else:
+            self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        if init:
+            self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.cfg.init_std

@@ -1,37 +1,33 @@
 """Start training from a transformers folder: resolve the config from it, check every tensor's name
 and shape from the safetensors headers (no weights read), then copy weights into a built model.
 
-Loading reads one tensor at a time from memory-mapped safetensors shards and copies it into the
-parameter it belongs to, so the host never holds a second full copy of the model; nothing is unpickled
+Loading reads one tensor at a time from the safetensors shards (model/weight_files.py) and copies it
+into the parameter it belongs to, so the host never holds a second full copy of the model; a ZeRO-3
+worker whose model was born partitioned reads only the bytes of its partitions; nothing is unpickled
 (pytorch_model*.bin only with model.allow_pickle, and then through torch.load's weights_only reader;
 a .gguf is converted once, in the driver, to a cached safetensors folder: model.gguf_file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from scalesparse.config import Config, DataConfig, ModelConfig, MoEConfig, config_from_dict
 from scalesparse.errors import CheckpointError, ConfigError
 from scalesparse.model.families import Family, family_named, supported
-from scalesparse.model.families.upcycle import Upcycled
+from scalesparse.model.families.upcycle import Upcycled, router_init
+from scalesparse.model.weight_files import WeightFiles, where_of
 
-INDEX = "model.safetensors.index.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Shape-defining fields: the folder sets them; a user's different value is refused, never silently used
 MODEL_DEFAULTS = ModelConfig()
 MOE_DEFAULTS = MoEConfig()
 DATA_DEFAULTS = DataConfig()
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def where_of(folder: str | Path) -> str:
-    return f"model.from_pretrained: {folder}"
 
 
 def read_hf_config(folder: Path) -> dict[str, Any]:
@@ -55,85 +51,6 @@ def family_of(hf: dict[str, Any], where: str) -> Family:
     if model_type not in supported():
         raise ConfigError(f"{where}: model_type {model_type!r} is not supported (supported: {', '.join(supported())})")
     return family_named(model_type)
-
-
-class SafetensorsFiles:
-    """Which shard holds each tensor: from model.safetensors.index.json, else every *.safetensors; with
-    `allow_pickle` and no safetensors, pytorch_model*.bin shards (read with weights_only: tensors only)."""
-
-    def __init__(self, folder: Path, allow_pickle: bool = False) -> None:
-        self.folder = folder
-        where = where_of(folder)
-        index = folder / INDEX
-        self.pickled = False
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.shard_of = {name: folder / shard for name, shard in weight_map.items()}
-        elif shards := sorted(folder.glob("*.safetensors")):
-            self.shard_of = {}
-            for shard in shards:
-                with safe_open(str(shard), "pt") as f:
-                    self.shard_of.update({name: shard for name in f.keys()})  # noqa: SIM118
-        else:
-            pickled = sorted(folder.glob("pytorch_model*.bin"))
-            if not pickled:
-                other = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-                extra = f" (found {other[0]}: not a transformers weights file)" if other else ""
-                raise ConfigError(f"{where} has no *.safetensors weights{extra}")
-            if not allow_pickle:
-                raise ConfigError(f"{where}: {pickled[0].name} is a pickle, which can run code when loaded; convert "
-                                  f"it to safetensors or set model.allow_pickle: true if you trust it")  # fmt: skip
-            self.pickled = True
-            if (folder / PICKLE_INDEX).is_file():
-                weight_map = json.loads((folder / PICKLE_INDEX).read_text())["weight_map"]
-                self.shard_of = {name: folder / shard for name, shard in weight_map.items()}
-            else:
-                self.shard_of = {name: shard for shard in pickled for name in _PickledShard(shard).keys()}
-        self._open: dict[Path, Any] = {}
-
-    def _file(self, name: str):
-        shard = self.shard_of[name]
-        if shard not in self._open:
-            if not shard.is_file():
-                raise CheckpointError(f"{where_of(self.folder)}: shard {shard.name} (holding {name}) is missing")
-            self._open[shard] = _PickledShard(shard) if self.pickled else safe_open(str(shard), "pt")
-        return self._open[shard]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._file(name).get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._file(name).get_tensor(name)
-
-
-class _PickledShard:
-    """A pytorch_model*.bin shard as safe_open reads one: torch.load with weights_only (tensors and plain
-    containers only, no code), memory-mapped where the file's format allows."""
-
-    def __init__(self, path: Path) -> None:
-        try:
-            self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-            self.tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
-
-    def keys(self):
-        return self.tensors.keys()
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-    def get_slice(self, name: str):
-        return _Shaped(self.tensors[name])
-
-
-class _Shaped:
-    def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
-
-    def get_shape(self) -> list[int]:
-        return list(self.t.shape)
 
 
 def gguf_folder(folder: Path, gguf_file: str, cache_dir: str) -> Path:
@@ -214,7 +131,7 @@ def resolve_pretrained(cfg: Config, tokenizer_vocab: int | None = None) -> Confi
                           f"{resolved.model.vocab_size} rows")  # fmt: skip
     if upcycle:
         family = Upcycled(family, resolved.moe.num_experts)
-    check_tensors(resolved, family, SafetensorsFiles(folder, m.allow_pickle), where)
+    check_tensors(resolved, family, WeightFiles(folder, m.allow_pickle), where)
     return resolved
 
 
@@ -257,7 +174,7 @@ def expected_tensors(cfg: Config, family: Family) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_tensors(cfg: Config, family: Family, files: SafetensorsFiles, where: str) -> None:
+def check_tensors(cfg: Config, family: Family, files: WeightFiles, where: str) -> None:
     for name, shape in expected_tensors(cfg, family).items():
         if name not in files.shard_of:
             raise ConfigError(f"{where}: tensor {name} is missing from the safetensors files")
@@ -266,24 +183,56 @@ def check_tensors(cfg: Config, family: Family, files: SafetensorsFiles, where: s
             raise ConfigError(f"{where}: tensor {name} has shape {list(found)}, the config implies {list(shape)}")
 
 
+@contextlib.contextmanager
+def uninitialised():
+    """Build modules without drawing their initial weights: every tensor is read from the folder next
+    (an upcycled router is drawn by load_pretrained), so the draws would be wasted time. transformers'
+    no_init_weights does the same."""
+    names = ("kaiming_uniform_", "uniform_", "normal_", "zeros_", "ones_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 @torch.no_grad()
-def load_pretrained(model: torch.nn.Module, folder: str | Path, allow_pickle: bool = False) -> None:
-    """Copy the folder's weights into `model` (built from the resolved config), one tensor at a time."""
+def load_pretrained(model: torch.nn.Module, folder: str | Path, allow_pickle: bool = False, seed: int = 0,
+                    partitions: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """Copy the folder's weights into `model` (built from the resolved config), one tensor at a time;
+    returns the bytes read. `partitions` (train/engine.partitions: name → shape, start, local) names the
+    parameters of which this process holds only a ZeRO-3 partition: only those elements are read, from
+    exactly their bytes. An upcycled router, not in a dense checkpoint, is drawn (router_init)."""
     folder = Path(folder)
     family = adapter(family_of(read_hf_config(folder), where_of(folder)), model)
-    files = SafetensorsFiles(folder, allow_pickle)
+    files = WeightFiles(folder, allow_pickle)
+    partitions = partitions or {}
     for name, p in model.named_parameters():  # a tied LM head is yielded once, as embed_tokens
-        hf_names = family.hf_names(name, tuple(p.shape))
-        if not hf_names:  # an upcycled model's router: not in the dense checkpoint, keeps its initialisation
-            continue
+        part = partitions.get(name)
+        shape = part.shape if part is not None else tuple(p.shape)
+        hf_names = family.hf_names(name, shape)
         missing = [n for n in hf_names if n not in files.shard_of]
         if missing:
             raise CheckpointError(f"{where_of(folder)}: tensor {missing[0]} is missing from the safetensors files")
+        if part is not None:
+            local = part.local.view(-1)
+            if hf_names:
+                files.read_flat(family.flat_names(name, shape), part.start, local)
+            else:
+                local.copy_(router_init(name, shape, model.cfg.init_std, seed).view(-1)[part.start :][: local.numel()])
+            continue
+        if not hf_names:
+            p.copy_(router_init(name, shape, model.cfg.init_std, seed))
+            continue
         t = family.from_hf(name, [files.get(n) for n in hf_names])
         if t.shape != p.shape:  # copy_ would broadcast some mismatches silently
             raise CheckpointError(f"{where_of(folder)}: {hf_names[0]} gives shape {list(t.shape)}, "
                                   f"the model's {name} is {list(p.shape)}")  # fmt: skip
         p.copy_(t)
+    return files.bytes_read
 
 
 def check_mask_source(cfg: Config) -> None:
@@ -302,7 +251,7 @@ def check_mask_source(cfg: Config) -> None:
 
     folder = Path(cfg.model.from_pretrained)
     family = family_of(read_hf_config(folder), where_of(folder))
-    files = SafetensorsFiles(folder, cfg.model.allow_pickle)
+    files = WeightFiles(folder, cfg.model.allow_pickle)
     with torch.device("meta"):
         model = GPT(cfg.model, cfg.model.vocab_size, cfg.moe)
     sp = cfg.sparsity

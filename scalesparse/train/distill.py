@@ -108,16 +108,20 @@ def teacher_config(cfg: Config, student_vocab: int, student_layers: int, student
 def build_teacher(cfg: Config, student: nn.Module, device: torch.device, world: int) -> nn.Module:
     """The frozen teacher on this worker: the whole model on `device` in train.dtype, or under ZeRO-3
     a DeepSpeed engine holding this rank's partition of it (forward gathers each block's weights)."""
+    from contextlib import nullcontext
+
     from scalesparse.model.gpt import GPT
-    from scalesparse.model.pretrained import load_pretrained
-    from scalesparse.train.engine import teacher_engine
+    from scalesparse.model.pretrained import load_pretrained, uninitialised
+    from scalesparse.train.engine import born_partitioned, partitions, teacher_engine
 
     tcfg = teacher_config(cfg, student.vocab_size, len(student.layers), student.cfg.d_model)
-    with torch.random.fork_rng(devices=[]):  # the teacher's throwaway init draws nothing from the run's streams
-        teacher = GPT(tcfg.model, tcfg.model.vocab_size, tcfg.moe)
-    load_pretrained(teacher, Path(tcfg.model.from_pretrained))
+    zero3 = cfg.parallel.zero_stage == 3  # born partitioned: no rank ever holds the whole teacher
+    # fork_rng: building the teacher draws nothing from the run's streams
+    with torch.random.fork_rng(devices=[]), born_partitioned(cfg, world) if zero3 else nullcontext(), uninitialised():
+        teacher = GPT(tcfg.model, tcfg.model.vocab_size, tcfg.moe, init=False)
+    load_pretrained(teacher, Path(tcfg.model.from_pretrained), seed=cfg.seed, partitions=partitions(teacher))
     teacher.requires_grad_(False).eval()
-    if cfg.parallel.zero_stage == 3:
+    if zero3:
         return teacher_engine(teacher, cfg, world)
     dtype = torch.bfloat16 if cfg.train.dtype == "bf16" else torch.float32  # what DeepSpeed gives the student
     return teacher.to(device=device, dtype=dtype)

@@ -25,11 +25,13 @@ from scalesparse.progress import LineProgress, Progress, ProgressFactory, tqdm_p
 from scalesparse.train import checkpoint as ckpt
 from scalesparse.train import elastic
 from scalesparse.train.engine import (
+    born_partitioned,
     build_engine,
     expert_parallel,
     grad_norm,
     local_model_shard,
     lr_at,
+    partitions,
     select_accelerator,
     set_lr,
     sparse_views,
@@ -119,11 +121,13 @@ class DST:
         from scalesparse.sparsity.masks import select_layers
 
         self.layers = select_layers(model, cfg.sparsity.include, cfg.sparsity.exclude)
-        shapes = {n: tuple(m.weight.shape) for n, m in self.layers.items()}
+        self.parts = {n: partitions(m).get("weight") for n, m in self.layers.items()}  # born partitioned: slices
+        shapes = {n: self.parts[n].shape if self.parts[n] else tuple(m.weight.shape) for n, m in self.layers.items()}
         self.sparsifier = SPARSIFIERS.get(cfg.sparsity.method)(cfg.sparsity, shapes, cfg.train.steps, cfg.seed)
         self.pending: dict[str, Any] = {}
 
     def init_masks(self, model, first_micro_batches, device: torch.device | str = "cpu") -> None:
+        from scalesparse.sparsity.base import LayerView
         from scalesparse.sparsity.local import local_views
 
         if getattr(self.sparsifier, "needs_dense_gradient", False):
@@ -136,7 +140,11 @@ class DST:
                 loss.backward()
             for layer in self.layers.values():
                 comm.all_reduce_mean(layer.weight.grad)
-        self.sparsifier.init_masks(local_views(self.layers))
+        if any(self.parts.values()):  # each rank's partition, as the views at a step boundary
+            views = [LayerView(n, p.shape, p.start, p.local, None, []) for n, p in sorted(self.parts.items())]
+        else:
+            views = local_views(self.layers)
+        self.sparsifier.init_masks(views)
         model.zero_grad(set_to_none=True)
         self.pending = {"step": 0, **self._report()}
 
@@ -246,6 +254,32 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def loads_partitioned(cfg: Config) -> bool:
+    """A pretrained model under ZeRO-3 is born partitioned and each worker reads only its partitions
+    (no worker ever holds it whole). Not with SNIP: its dense gradient at initialisation runs the
+    whole model before DeepSpeed wraps it."""
+    from scalesparse.sparsity import SPARSIFIERS
+
+    method = cfg.sparsity.method
+    snip = method != "none" and getattr(SPARSIFIERS.get(method), "needs_dense_gradient", False)
+    return bool(cfg.model.from_pretrained) and cfg.parallel.zero_stage == 3 and not snip
+
+
+def build_model(cfg: Config, data_vocab: int, world: int):
+    """The worker's model: from scratch, drawn from the seed; for a pretrained folder, allocated but not
+    drawn (its weights are read next), and under loads_partitioned born partitioned."""
+    from contextlib import nullcontext
+
+    from scalesparse.model import GPT
+    from scalesparse.model.pretrained import uninitialised
+
+    pretrained, partitioned = bool(cfg.model.from_pretrained), loads_partitioned(cfg)
+    with born_partitioned(cfg, world) if partitioned else nullcontext(), (
+        uninitialised() if pretrained else nullcontext()
+    ):
+        return GPT(cfg.model, cfg.model.vocab_size or data_vocab, cfg.moe, init=not pretrained)
+
+
 def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None = None) -> None:
     """Entry point of one worker. `args`: config (dict), run_dir, data (PreparedData dict), resume."""
     cfg = config_from_dict(args["config"])
@@ -263,8 +297,6 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     train_blocks = TokenBlocks(data.train_path, T)
     val_blocks = TokenBlocks(data.val_path, T)
 
-    from scalesparse.model import GPT
-
     checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep)
     # After a worker-group restart (a worker died) the run's own `latest` has moved on since the driver
     # launched us: continue from it. Otherwise start where the driver said (--resume, possibly older).
@@ -272,11 +304,11 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     restarted = latest is not None and latest.name != args.get("latest_at_launch")
     resume = latest if restarted else (Path(args["resume"]) if args.get("resume") else None)
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = GPT(cfg.model, cfg.model.vocab_size or data.vocab_size, cfg.moe)
+    model = build_model(cfg, data.vocab_size, world)
     if cfg.model.from_pretrained and resume is None:  # a resumed run's weights come from its checkpoint
         from scalesparse.model.pretrained import load_pretrained
 
-        load_pretrained(model, cfg.model.from_pretrained, cfg.model.allow_pickle)
+        load_pretrained(model, cfg.model.from_pretrained, cfg.model.allow_pickle, cfg.seed, partitions(model))
     if cfg.train.init_from and resume is None:
         from scalesparse.export import load_weights
 
@@ -291,7 +323,7 @@ def train_worker(args: dict[str, Any], progress_factory: ProgressFactory | None 
     engine = build_engine(model, cfg, world)
     moe_stats = MoEStats(engine.module.moe_layers())
     distiller = None
-    if cfg.train.distill.enabled:  # after the student is partitioned: the teacher's full copy is transient
+    if cfg.train.distill.enabled:  # under ZeRO-3 the teacher too is born partitioned (train/distill.py)
         from scalesparse.train.distill import Distiller
 
         distiller = Distiller.build(cfg, engine, device, world)

@@ -125,6 +125,12 @@ class Family:
         """The transformers tensors our parameter `name` (of `shape`) is made from, in from_hf's order."""
         return [name if name.startswith("lm_head") else f"model.{name}"]
 
+    def flat_names(self, name: str, shape: tuple[int, ...]) -> list[str]:
+        """The transformers tensors whose flattened values, laid end to end, are our parameter flattened:
+        what lets a ZeRO-3 rank read only its partition. Every family's from_hf concatenates or stacks
+        without reordering, so these are hf_names (a family that permuted would say otherwise)."""
+        return self.hf_names(name, shape)
+
     def from_hf(self, name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
         (t,) = tensors
         return t

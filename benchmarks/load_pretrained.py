@@ -6,7 +6,7 @@ Models: SmolLM2-135M (`scalesparse assets fetch smollm2-135m`) and a random ~1.1
 (TinyLlama's shape, fp32, written once as safetensors shards with an index under --cache). Each
 measurement is a fresh process (its ru_maxrss is its own); a worker's load is building the model and
 copying the weights in (`loop.build_model` + `load_pretrained`), timed in the worker, the slower rank
-counted. The fixed overhead of a process (torch, DeepSpeed, the process group) is measured the same
+counted; each side starts with the shards in the page cache. The fixed overhead of a process (torch, DeepSpeed, the process group) is measured the same
 way on an empty model (one layer of width 16): memory targets are net of it.
 
 Targets (issue 22): ZeRO-3 peak per worker ≤ 0.6 × the model's fp32 size + the overhead; load time
@@ -41,7 +41,12 @@ SHARD_BYTES = 2 << 30
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that across exec, so a
+    child started by a parent that once held 4 GB would report 4 GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_random_llama(folder: Path, shape: dict, seed: int = 0) -> Path:
@@ -157,7 +162,16 @@ def measure_hf(folder: str) -> dict:
             "untouched_peak_mb": lazy_peak, "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
 
+def warm(folder: Path) -> None:
+    """Read every shard once, so each side starts from the page cache (not the disk) alike."""
+    for shard in folder.glob("*.safetensors"):
+        with shard.open("rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
 def in_fresh_process(side: str, folder: Path, stage: int = 0) -> dict:
+    warm(folder)
     cmd = [sys.executable, __file__, "--measure", side, "--folder", str(folder), "--stage", str(stage)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -213,25 +214,21 @@ def load_pretrained(model: torch.nn.Module, folder: str | Path, allow_pickle: bo
     for name, p in model.named_parameters():  # a tied LM head is yielded once, as embed_tokens
         part = partitions.get(name)
         shape = part.shape if part is not None else tuple(p.shape)
+        # the elements to fill: this rank's partition, or the whole (contiguous) parameter
+        start, local = (part.start, part.local.view(-1)) if part is not None else (0, p.data.view(-1))
         hf_names = family.hf_names(name, shape)
+        if not hf_names:  # an upcycled router
+            local.copy_(router_init(name, shape, model.cfg.init_std, seed).view(-1)[start : start + local.numel()])
+            continue
         missing = [n for n in hf_names if n not in files.shard_of]
         if missing:
             raise CheckpointError(f"{where_of(folder)}: tensor {missing[0]} is missing from the safetensors files")
-        if part is not None:
-            local = part.local.view(-1)
-            if hf_names:
-                files.read_flat(family.flat_names(name, shape), part.start, local)
-            else:
-                local.copy_(router_init(name, shape, model.cfg.init_std, seed).view(-1)[part.start :][: local.numel()])
-            continue
-        if not hf_names:
-            p.copy_(router_init(name, shape, model.cfg.init_std, seed))
-            continue
-        t = family.from_hf(name, [files.get(n) for n in hf_names])
-        if t.shape != p.shape:  # copy_ would broadcast some mismatches silently
-            raise CheckpointError(f"{where_of(folder)}: {hf_names[0]} gives shape {list(t.shape)}, "
-                                  f"the model's {name} is {list(p.shape)}")  # fmt: skip
-        p.copy_(t)
+        flat = family.flat_names(name, shape)
+        found = sum(math.prod(files.shape(n)) for n in flat)
+        if found != math.prod(shape):
+            raise CheckpointError(f"{where_of(folder)}: {hf_names[0]} holds {found} elements for the model's {name} "
+                                  f"of shape {list(shape)}")  # fmt: skip
+        files.read_flat(flat, start, local)  # straight into the parameter where the dtypes agree
     return files.bytes_read
 
 

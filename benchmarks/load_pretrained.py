@@ -4,9 +4,10 @@ worker a whole copy, by design), beside transformers' own `from_pretrained` in o
 
 Models: SmolLM2-135M (`scalesparse assets fetch smollm2-135m`) and a random ~1.1B-parameter Llama
 (TinyLlama's shape, fp32, written once as safetensors shards with an index under --cache). Each
-measurement is a fresh process (its ru_maxrss is its own); a worker's load is building the model and
+measurement is a fresh process (its peak, VmHWM, is its own); a worker's load is building the model and
 copying the weights in (`loop.build_model` + `load_pretrained`), timed in the worker, the slower rank
-counted; each side starts with the shards in the page cache. The fixed overhead of a process (torch, DeepSpeed, the process group) is measured the same
+counted; each side starts with the shards in the page cache. The fixed overhead of a process
+(torch, DeepSpeed, the process group) is measured the same
 way on an empty model (one layer of width 16): memory targets are net of it.
 
 Targets (issue 22): ZeRO-3 peak per worker ≤ 0.6 × the model's fp32 size + the overhead; load time

@@ -51,8 +51,11 @@ class SafetensorsShard:
         header.pop("__metadata__", None)
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
         for name, e in header.items():
-            dtype = DTYPES.get(e.get("dtype"))
-            shape, (begin, end) = tuple(e["shape"]), e["data_offsets"]
+            try:
+                dtype = DTYPES.get(e.get("dtype"))
+                shape, (begin, end) = tuple(int(d) for d in e["shape"]), e["data_offsets"]
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{path}: tensor {name}'s header entry is malformed ({e!r:.80})") from None
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name} has dtype {e.get('dtype')!r}, which cannot be read")
             if end - begin != math.prod(shape) * dtype.itemsize or self.data_start + end > size:

@@ -67,6 +67,10 @@ def test_a_damaged_file_names_itself(tmp_path):
     path.write_bytes(data[: len(data) - 100])  # truncated inside the tensor
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor w's bytes do not match"):
         SafetensorsShard(path)
+    header = json.dumps({"w": {"dtype": "F32", "shape": "64x64"}}).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor w's header entry is malformed"):
+        SafetensorsShard(path)
     path.write_bytes(b"\xff" * 16)
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file"):
         SafetensorsShard(path)
